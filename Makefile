@@ -1,0 +1,32 @@
+# The two commands of the README, and what they need. `make demo` runs the platform's main job,
+# `make test` runs lint, types and the test suite. Both create the virtualenv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.bench_dense_kl --demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	bash scripts/ensure-redis.sh
+	$(PY) -m pytest
+
+proto: $(STAMP)
+	$(PY) -m proto.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
