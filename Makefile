@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.bench_dense_kl --demo
+	$(VENV)/bin/distill demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

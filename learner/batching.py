@@ -1,0 +1,159 @@
+"""Turn decoded rollouts into the tensors of one learner step.
+
+``pack_sequences`` right-pads prompt+response ids for the student forward pass;
+``objective_batch`` cuts the student logits at the response positions and lines up the
+teachers' scores and the rewards as :class:`learner.objective.ObjectiveBatch` expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from contracts.rollout_record import DecodedRollout
+from learner.objective import ObjectiveBatch
+from proto.distill.v1 import reward_pb2
+
+
+class BatchError(ValueError):
+    """Rollouts that cannot form a batch under the run's spec; the message names the field."""
+
+
+@dataclass
+class Packed:
+    input_ids: Tensor  # (B, L) int64, right-padded
+    attention_mask: Tensor  # (B, L) int64
+    starts: Tensor  # (B,) first response position
+    lengths: Tensor  # (B,) response lengths P_b
+    width: int  # T = max P_b
+
+
+def pack_sequences(rollouts: Sequence[DecodedRollout], pad_id: int = 0) -> Packed:
+    if not rollouts:
+        raise BatchError("rollouts: a batch needs at least one rollout")
+    seq_len = max(len(r.token_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rollouts):
+        ids[b, : len(r.token_ids)] = torch.from_numpy(r.token_ids.astype(np.int64))
+        mask[b, : len(r.token_ids)] = 1
+    starts = torch.tensor([r.response_start for r in rollouts])
+    lengths = torch.tensor([r.num_positions for r in rollouts])
+    return Packed(ids, mask, starts, lengths, int(lengths.max()))
+
+
+def response_logits(logits: Tensor, packed: Packed) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits predicting each response token: (B, T, V), with tokens (B, T) and mask (B, T)."""
+    bsz = logits.shape[0]
+    offsets = torch.arange(packed.width)
+    mask = offsets[None, :] < packed.lengths[:, None]  # (B, T)
+    # position s-1+t predicts token s+t; padding positions read index 0 and are masked out
+    pos = torch.where(mask, packed.starts[:, None] - 1 + offsets[None, :], 0)
+    rows = torch.arange(bsz)[:, None]
+    tokens = torch.where(mask, packed.input_ids[rows, pos + 1], 0)
+    return logits[rows, pos], tokens, mask
+
+
+def _pad(arrays: list[np.ndarray], width: int, fill: float) -> Tensor:
+    """Stack per-response arrays (P_b, ...) into (B, width, ...) padded with ``fill``."""
+    tail = arrays[0].shape[1:]
+    out = np.full((len(arrays), width, *tail), fill, dtype=arrays[0].dtype)
+    for b, a in enumerate(arrays):
+        out[b, : a.shape[0]] = a
+    return torch.from_numpy(out)
+
+
+def _teacher_arrays(rollouts: Sequence[DecodedRollout], teachers: Sequence[str]) -> list[list]:
+    by_name = []
+    for b, r in enumerate(rollouts):
+        have = {t.teacher: t for t in r.teachers}
+        missing = [name for name in teachers if name not in have]
+        if missing:
+            raise BatchError(f"rollouts[{b}].teachers: no scores from {missing}")
+        by_name.append([have[name] for name in teachers])
+    return by_name
+
+
+def _stack_teachers(arrays: list[list[np.ndarray]], width: int) -> Tensor:
+    """(M, B, T, ...) from per-teacher lists of per-response arrays."""
+    return torch.stack([_pad(per_teacher, width, 0.0) for per_teacher in arrays]).float()
+
+
+def support(
+    rollouts: Sequence[DecodedRollout], teachers: Sequence[str], kind: str, width: int, vocab: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Support ids (B, T, K) and teacher log-probs on them (M, B, T, K|V) for the run's support."""
+    if not teachers:
+        return None, None
+    scores = _teacher_arrays(rollouts, teachers)
+    candidates = [[s[m].candidate_logprobs for s in scores] for m in range(len(teachers))]
+    if kind == "full":
+        if candidates[0][0].shape[1] != vocab:
+            raise BatchError(f"teachers.candidate_logprobs: full support needs {vocab} per position")
+        return None, _stack_teachers(candidates, width)
+    student_ids = _pad([r.student_top_ids for r in rollouts], width, -1).long()
+    if kind == "student_top_k":
+        return student_ids, _stack_teachers(candidates, width)
+    if len(teachers) != 1:
+        raise BatchError(
+            f"objective.support: {kind!r} needs exactly one teacher, the run has {len(teachers)}"
+        )
+    top_ids = _pad([s[0].top_ids for s in scores], width, -1).long()
+    top_lp = _stack_teachers([[s[0].top_logprobs for s in scores]], width)
+    if kind == "teacher_top_k":
+        return top_ids, top_lp
+    # union: the student's top-K (scored as candidates), then the teacher's top-K ids not among them
+    dup = (top_ids[..., :, None] == student_ids[..., None, :]).any(-1)
+    ids = torch.cat([student_ids, torch.where(dup, -1, top_ids)], -1)
+    return ids, torch.cat([_stack_teachers(candidates, width), top_lp], -1)
+
+
+def rewards_matrix(rollouts: Sequence[DecodedRollout], names: Sequence[str],
+                   failure_values: Sequence[float | None]) -> tuple[Tensor, list[int]]:  # fmt: skip
+    """(B, N) rewards and the indices of rollouts whose failed reward has no failure value."""
+    out = torch.zeros((len(rollouts), len(names)))
+    failed = []
+    for b, r in enumerate(rollouts):
+        have = {x.name: x for x in r.rewards}
+        for n, (name, fallback) in enumerate(zip(names, failure_values, strict=True)):
+            x = have.get(name)
+            if x is not None and x.status == reward_pb2.REWARD_STATUS_OK:
+                out[b, n] = x.value
+            elif fallback is not None:
+                out[b, n] = fallback
+            else:
+                failed.append(b)
+    return out, sorted(set(failed))
+
+
+def objective_batch(
+    logits: Tensor,
+    packed: Packed,
+    rollouts: Sequence[DecodedRollout],
+    teachers: Sequence[str],
+    support_kind: str,
+    rewards: Tensor,
+) -> ObjectiveBatch:
+    """Everything :func:`learner.objective.objective_loss` needs, from the student's logits (B, L, V)."""
+    resp_logits, tokens, mask = response_logits(logits, packed)
+    width, vocab = packed.width, logits.shape[-1]
+    scores = _teacher_arrays(rollouts, teachers)
+    token_lp = [[s[m].token_logprobs for s in scores] for m in range(len(teachers))]
+    teacher_tok = _stack_teachers(token_lp, width) if teachers else torch.zeros((0, len(rollouts), width))
+    ids, teacher_lp = support(rollouts, teachers, support_kind, width, vocab)
+    groups: dict[tuple[int, int], int] = {}
+    group_ids = torch.tensor([groups.setdefault((r.prompt_id, r.attempt), len(groups)) for r in rollouts])
+    return ObjectiveBatch(
+        logits=resp_logits,
+        tokens=tokens,
+        mask=mask,
+        teacher_token_logprobs=teacher_tok,
+        teacher_logprobs=teacher_lp,
+        support_ids=ids,
+        rewards=rewards,
+        group_ids=group_ids,
+    )

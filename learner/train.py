@@ -1,0 +1,329 @@
+"""The learner process: read rollouts, step the student, checkpoint, acknowledge, publish weights.
+
+Top to bottom, one run (``python -m learner --run-id ID``)::
+
+    setup:      run spec from Redis → student + optimizer → restore the latest checkpoint
+                → consumer group on the rollout stream → publish the starting weights
+    each step:  whole prompt groups → student logits → Dense + Sparse objective (learner.objective)
+                → clip → optimizer step → publish weights (version + 1) → metrics
+    checkpoint: every ``checkpoint_interval`` steps, durable first, then XACK (exactly once:
+                a restart re-reads unacknowledged entries and skips those the checkpoint lists)
+    end:        honours stop at a step boundary; final checkpoint; status succeeded | stopped
+
+Several ranks (``torchrun --nproc-per-node N -m learner``): rank 0 alone talks to Redis and
+shares each batch's groups out; DDP averages the gradients; rank 0 checkpoints and acknowledges.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from contracts import keys
+from contracts import runstate as rs
+from contracts.runspec import RunSpec
+from contracts.schedules import ScheduleTimeline
+from learner import run_state
+from learner.applied import AppliedIds
+from learner.batching import objective_batch, pack_sequences, rewards_matrix
+from learner.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    load_latest,
+    publish_weights,
+    restore_rng,
+    save_checkpoint,
+)
+from learner.objective import ObjectiveConfig, objective_loss
+from learner.queue import Batch, ConsumerConfig, RolloutConsumer
+from learner.run_state import LearnerLease
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerConfig:
+    run_id: str
+    run_dir: Path  # checkpoints/ and weights/ live here
+    consumer: str  # this process's consumer name in the stream's group
+    device: str = "cpu"
+    batch_timeout_s: float = 5.0  # wait this long for whole groups before checking stop requests
+    keep_checkpoints: int = 3
+    audit: bool = False  # keep every applied rollout id in the checkpoint, step by step (for audits)
+
+
+def objective_config(spec: RunSpec) -> ObjectiveConfig:
+    o = spec.objective
+    return ObjectiveConfig(
+        gamma=o.gamma,
+        divergence=o.divergence,
+        divergence_params={"beta": o.jsd_beta} if o.divergence == "jsd" else {},
+        baseline=o.baseline,
+        normalization=o.normalization,
+        teacher_weights=tuple(t.weight for t in spec.teachers),
+        reward_names=tuple(r.name for r in spec.rewards),
+    )
+
+
+def make_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = spec.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+class Learner:
+    def __init__(
+        self, cfg: LearnerConfig, client: redis.Redis | None, spec: RunSpec, lease: LearnerLease | None = None
+    ) -> None:
+        self.cfg, self.client, self.spec, self.lease = cfg, client, spec, lease
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.objective = objective_config(spec)
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=torch.float32)
+        self.model: PreTrainedModel = model.to(cfg.device).train()  # type: ignore[arg-type]
+        self.optimizer = make_optimizer(spec, self.model)
+        self.step, self.version = 0, 0
+        self.timelines = run_state.initial_timelines(spec)
+        self.applied = AppliedIds()
+        self.applied_log: list[list[str]] = []  # with cfg.audit: the rollout ids of each step
+        self._restore()
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
+        self.consumer = self._consumer() if self.rank == 0 else None
+        self._exit_requested = False
+
+    def request_exit(self) -> None:
+        """Finish the step in progress, checkpoint and return (SIGTERM); the run stays running."""
+        self._exit_requested = True
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        ckpt = load_latest(self.cfg.run_dir / "checkpoints")
+        if ckpt is None:
+            return
+        self.model.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.step = ckpt.step
+        self.version = int(ckpt.extra.get("policy_version", ckpt.step))
+        self.timelines = {k: ScheduleTimeline.from_dict(v) for k, v in ckpt.schedule.items()}
+        self.applied = AppliedIds.from_state(ckpt.applied)
+        self.applied_log = ckpt.extra.get("applied_log", [])
+        restore_rng(ckpt.rng)
+        log.info("resumed from step %d (policy version %d)", self.step, self.version)
+
+    def _consumer(self) -> RolloutConsumer:
+        assert self.client is not None
+        config = ConsumerConfig(self.cfg.run_id, self.cfg.consumer, max_staleness=self.spec.max_staleness)
+        return RolloutConsumer(self.client, config, applied=self.applied)
+
+    def _publish(self) -> None:
+        """Publish the current weights as ``self.version`` (rank 0)."""
+        assert self.client is not None
+        publish_weights(self.cfg.run_dir, self.cfg.run_id, self.version, self.model.state_dict(), self.client)
+
+    def _publish_start(self) -> None:
+        # Steps after the last checkpoint were lost with the crash, but their weights were
+        # published: the restored weights get a new, higher version so that versions only grow.
+        assert self.client is not None
+        current = self.client.get(keys.policy_version(self.cfg.run_id))
+        if current is not None and int(current) > self.version:
+            self.version = int(current) + 1
+        self._publish()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _next_batch(self) -> Batch:
+        """Whole prompt groups with usable rewards; groups with a failed reward are dead-lettered."""
+        assert self.consumer is not None
+        batch = self.consumer.next_batch(
+            self.spec.sampling.prompts_per_step, self.version, timeout_s=self.cfg.batch_timeout_s
+        )
+        names = [r.name for r in self.spec.rewards]
+        fallbacks = [r.failure_value for r in self.spec.rewards]
+        keep = []
+        for group in batch.groups:
+            _, failed = rewards_matrix([m.rollout for m in group.members], names, fallbacks)
+            if failed:
+                self.consumer.dead_letter_group(group, "reward_failed", "a verifier failed or timed out")
+            else:
+                keep.append(group)
+        return Batch(keep)
+
+    def _lambdas(self) -> list[float]:
+        return [self.timelines[r.name].at(self.step) for r in self.spec.rewards]
+
+    def _shard(self, batch: Batch) -> list[Any]:
+        """This rank's rollouts (whole groups, round-robin), and the global response count."""
+        groups: list[Any] = [[m.rollout for m in g.members] for g in batch.groups] if self.rank == 0 else []
+        if self.world > 1:
+            box = [groups]
+            dist.broadcast_object_list(box, src=0)
+            groups = box[0]
+        return [r for i, g in enumerate(groups) if i % self.world == self.rank for r in sorted(g, key=_gi)]
+
+    def train_step(self, rollouts: list[Any], total: int) -> dict[str, float]:
+        """One optimizer step on this rank's ``rollouts`` (``total`` responses over all ranks)."""
+        names = [r.name for r in self.spec.rewards]
+        rewards, _ = rewards_matrix(rollouts, names, [r.failure_value for r in self.spec.rewards])
+        packed = pack_sequences(rollouts)
+        net = self.ddp or self.model
+        logits = net(
+            input_ids=packed.input_ids.to(self.cfg.device),
+            attention_mask=packed.attention_mask.to(self.cfg.device),
+        ).logits
+        teachers = [t.name for t in self.spec.teachers]
+        batch = objective_batch(
+            logits.float(), packed, rollouts, teachers, self.spec.objective.support, rewards
+        )
+        out = objective_loss(self.objective, batch, self._lambdas())
+        # DDP averages over ranks; rescaling by this rank's share makes it the global normalization.
+        scale = len(rollouts) * self.world / max(total, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        (out.loss * scale).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
+        self.optimizer.step()
+        metrics = {
+            "loss": float(out.loss), "dense_kl": float(out.kl_mean), "sparse": float(out.sparse),
+            "grad_norm": float(grad_norm), "tokens": float(out.num_tokens),
+        }  # fmt: skip
+        for n, name in enumerate(names):
+            metrics[f"{rs.REWARD_PREFIX}{name}"] = float(rewards[:, n].mean()) if len(rollouts) else 0.0
+        return metrics
+
+    # -- checkpoint, metrics, loop -----------------------------------------------------------------
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost.is_set():
+            raise LeaseLostError(f"run {self.cfg.run_id}: another learner took the run over; stepping down")
+
+    def _checkpoint(self) -> None:
+        """Durable checkpoint first, then acknowledge what it covers (RELIABILITY 1-3)."""
+        assert self.consumer is not None
+        self._check_lease()  # a learner that was frozen past its lease must not write or ack
+        ckpt = Checkpoint(
+            step=self.step,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            schedule={name: t.to_dict() for name, t in self.timelines.items()},
+            applied=self.consumer.applied.to_state(),
+            rng=capture_rng(),
+            extra={"policy_version": self.version}
+            | ({"applied_log": self.applied_log} if self.cfg.audit else {}),
+        )
+        save_checkpoint(self.cfg.run_dir / "checkpoints", ckpt, keep=self.cfg.keep_checkpoints)
+        self.consumer.ack_applied()
+        self.consumer.trim()
+
+    def _queue_metrics(self, batch: Batch) -> dict[str, float]:
+        assert self.client is not None and self.consumer is not None
+        groups = self.client.xinfo_groups(keys.rollout_stream(self.cfg.run_id))
+        lag = next((g.get("lag") for g in groups if _text(g["name"]) == self.consumer.group), 0)
+        versions = [m.rollout.policy_version for m in batch.rollouts]
+        counters = self.consumer.counters()
+        return {
+            "queue_len": float(lag or 0),
+            "policy_lag": float(self.version - sum(versions) / len(versions)) if versions else 0.0,
+            "dead_letters": float(counters.get("dead_letters", 0)),
+        }
+
+    def _boundary(self) -> tuple[rs.Desired, bool]:
+        """Begin the next step: read stop requests and λ schedules (rank 0), share them with
+        rank 0's exit request, so that every rank leaves at the same step."""
+        self._check_lease()
+        box: list[Any] = [None, None, self._exit_requested]
+        if self.rank == 0:
+            assert self.client is not None
+            desired, timelines = run_state.begin_step(
+                self.client, self.cfg.run_id, self.step + 1, self.timelines
+            )
+            box = [desired, timelines, self._exit_requested]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        self.timelines = box[1]
+        return rs.Desired(box[0]), bool(box[2])
+
+    def _finish(self, command: rs.Command) -> rs.RunStatus:
+        if self.rank != 0:
+            return rs.RunStatus.STOPPED if command is rs.Command.HALT else rs.RunStatus.SUCCEEDED
+        assert self.client is not None
+        self._checkpoint()
+        return run_state.apply(self.client, self.cfg.run_id, command).status
+
+    def _one_step(self) -> None:
+        batch = self._next_batch() if self.rank == 0 else Batch([])
+        count = [sum(len(g.members) for g in batch.groups)]
+        if self.world > 1:
+            dist.broadcast_object_list(count, src=0)
+        if count[0] == 0:
+            return  # nothing arrived within batch_timeout_s: look at stop requests again
+        started = time.perf_counter()
+        metrics = self.train_step(self._shard(batch), count[0])
+        self.step += 1
+        self.version += 1
+        if self.rank != 0:
+            return
+        assert self.consumer is not None and self.client is not None
+        self.consumer.mark_applied(batch)
+        if self.cfg.audit:
+            self.applied_log.append([m.rollout.rollout_id for m in batch.rollouts])
+        self.consumer.refresh_claims()
+        self._publish()
+        if self.step % self.spec.checkpoint_interval == 0:
+            self._checkpoint()
+        metrics |= self._queue_metrics(batch)
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - started, 1e-9)
+        metrics |= {"step": float(self.step), "gamma": self.spec.objective.gamma}
+        metrics |= {
+            f"{rs.LAMBDA_PREFIX}{r.name}": lam
+            for r, lam in zip(self.spec.rewards, self._lambdas(), strict=True)
+        }
+        run_state.write_metrics(self.client, self.cfg.run_id, metrics)
+        log.info("step %d: loss %.4f kl %.4f", self.step, metrics["loss"], metrics["dense_kl"])
+
+    def run(self) -> rs.RunStatus:
+        """Train until the spec's last step or a stop request; the final run status."""
+        if self.rank == 0:
+            assert self.client is not None
+            run_state.apply(self.client, self.cfg.run_id, rs.Command.START)
+            self._publish_start()
+        try:
+            while self.step < self.spec.steps:
+                desired, leave = self._boundary()
+                if desired is rs.Desired.STOP:
+                    return self._finish(rs.Command.HALT)
+                if leave:
+                    if self.rank == 0:
+                        self._checkpoint()
+                    return rs.RunStatus.RUNNING
+                self._one_step()
+            return self._finish(rs.Command.FINISH)
+        except LeaseLostError:
+            raise
+        except Exception as err:
+            if self.rank == 0 and self.client is not None:
+                run_state.apply(
+                    self.client, self.cfg.run_id, rs.Command.FAIL, error=f"{type(err).__name__}: {err}"
+                )
+            raise
+
+
+class LeaseLostError(RuntimeError):
+    """This learner no longer holds the run (it was frozen past its lease and replaced)."""
+
+
+def _gi(rollout: Any) -> int:
+    return int(rollout.group_index)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,1 @@
+"""One router per resource: runs, teachers, verifiers, health (with Prometheus ``/metrics``)."""

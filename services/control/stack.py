@@ -1,0 +1,152 @@
+"""The local stack behind ``distill up``: every process of the platform as children of one command.
+
+Starts, in order, an embedded redis-server, the teacher service(s), the reward service, the
+control plane, a learner and rollout worker(s), each waiting for the previous to be healthy;
+logs go to ``WORK_DIR/logs/NAME.log``. ``stop`` sends SIGTERM in reverse order (the learner
+finishes its step and checkpoints) and kills what outlives the grace period. Nothing here
+imports torch: the model work happens in the children.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from contracts.redis_server import EmbeddedRedis
+from services.rpc.healthcheck import check
+
+log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    """A child process of the stack exited or never became healthy; the message has its log tail."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackConfig:
+    work_dir: Path  # runs/, logs/ and Redis data go here
+    teachers: dict[str, Path]  # teacher name → model directory (one teacher service each)
+    api_port: int = 8000
+    workers: int = 1  # rollout worker processes
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # API bearer token
+    grace_s: float = 30.0  # how long a child may take to stop after SIGTERM
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+class LocalStack:
+    def __init__(self, cfg: StackConfig) -> None:
+        self.cfg = cfg
+        self.children: list[_Child] = []
+        self.redis: EmbeddedRedis | None = None
+        self.teacher_addresses: dict[str, str] = {}
+        self.reward_address = ""
+        self.api_url = f"http://127.0.0.1:{cfg.api_port}"
+
+    def _spawn(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None) -> _Child:
+        logs = self.cfg.work_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{name}.log"
+        with open(path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )  # fmt: skip
+        child = _Child(name, proc, path)
+        self.children.append(child)
+        return child
+
+    def _wait(self, child: _Child, healthy: Callable[[], bool], timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise StackError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
+            if healthy():
+                log.info("%s is up", child.name)
+                return
+            time.sleep(0.2)
+        raise StackError(f"{child.name} not healthy after {timeout_s:.0f} s:\n{child.tail()}")
+
+    def _grpc(self, name: str, module: str, args: list[str]) -> str:
+        port = _free_port()
+        child = self._spawn(name, module, [*args, "--port", str(port)])
+        address = f"127.0.0.1:{port}"
+        self._wait(child, lambda: check(address, timeout_s=1.0) == "SERVING")
+        return address
+
+    def _api_healthy(self) -> bool:
+        try:
+            return httpx.get(self.api_url + "/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def start(self) -> LocalStack:
+        work = self.cfg.work_dir
+        self.redis = EmbeddedRedis(work / "redis").start()
+        env = {"REDIS_URL": self.redis.url}
+        for name, model in self.cfg.teachers.items():
+            self.teacher_addresses[name] = self._grpc(
+                f"teacher-{name}", "services.teacher", ["--model", str(model)]
+            )
+        self.reward_address = self._grpc("reward", "services.reward", [])
+        control = self._spawn(
+            "control", "services.control",
+            ["--port", str(self.cfg.api_port), "--redis-url", self.redis.url, "--reward-address",
+             self.reward_address, "--log-level", "warning"],
+            {"DISTILL_API_TOKEN": self.cfg.token},
+        )  # fmt: skip
+        self._wait(control, self._api_healthy)
+        self._spawn("learner", "learner", ["--runs-dir", str(work / "runs"), "--poll-s", "0.5"], env)
+        for i in range(self.cfg.workers):
+            args = ["--reward-address", self.reward_address, "--poll-s", "0.5", "--worker-id", f"worker-{i}"]
+            self._spawn(f"worker-{i}", "services.rollout", args, env)
+        return self
+
+    def check_alive(self) -> None:
+        """Raise StackError naming a child that died."""
+        for child in self.children:
+            if child.proc.poll() is not None:
+                raise StackError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s: killing it", child.name, self.cfg.grace_s)
+                child.proc.kill()
+                child.proc.wait()
+        self.children = []
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

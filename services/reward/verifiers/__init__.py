@@ -1,0 +1,1 @@
+"""Verifiers: the ``Verifier`` contract, the registry of built-ins, and the user adapters."""

@@ -1,0 +1,87 @@
+"""The ``Verifier`` contract and the verifier that calls a ``module:function`` (built-in or user).
+
+A verifier turns one ``Item`` into an ``Outcome`` or raises a domain error (``VerifierFailure``,
+``RemoteUnavailableError``, ``SandboxUnavailableError``); the engine owns deadlines and turns
+errors into statuses. Verifiers are async so the event loop never blocks on them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from services.reward.domain import Item, Outcome, VerifierInfo
+from services.reward.pool import WorkerPool, as_outcome, load_callable
+
+
+class Verifier(ABC):
+    def __init__(self, info: VerifierInfo, timeout_s: float) -> None:
+        self.info = info
+        self.timeout_s = timeout_s  # this verifier's own limit per item; a batch deadline may cut it
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def missing_fields(self, reference: Mapping[str, str]) -> list[str]:
+        """Reference fields this verifier needs that ``reference`` lacks (checked before any work)."""
+        return [f for f in self.info.required_fields if f not in reference]
+
+    @abstractmethod
+    async def verify(self, item: Item) -> Outcome: ...
+
+    async def close(self) -> None:
+        """Release connections or processes this verifier holds."""
+        return None  # most verifiers hold none
+
+
+class FunctionVerifier(Verifier):
+    """Runs ``target(prompt, response, reference, **options)`` in the worker pool, or inline.
+
+    Inline is only for functions that are linear in their input and never call user code.
+    ``produced`` names what the function returns when it differs from the served reward names
+    (a built-in served under another name reports its reward under that name).
+    """
+
+    def __init__(
+        self,
+        info: VerifierInfo,
+        timeout_s: float,
+        target: str,
+        options: dict[str, Any],
+        pool: WorkerPool | None,
+        produced: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(info, timeout_s)
+        self.target, self.options, self.pool = target, options, pool
+        self.produced = produced or info.reward_names
+        self._inline = load_callable(target) if pool is None else None
+
+    @property
+    def inline(self) -> bool:
+        return self._inline is not None
+
+    def score_inline(self, item: Item) -> Outcome:
+        """Score on the caller's thread: only for inline (linear-time, trusted) functions."""
+        assert self._inline is not None, f"{self.name} runs in the worker pool"
+        result = self._inline(item.prompt, item.response, item.reference, **self.options)
+        return self._rename(as_outcome(result, self.produced))
+
+    async def verify(self, item: Item) -> Outcome:
+        if self._inline is not None:
+            return self.score_inline(item)
+        assert self.pool is not None
+        outcome = await self.pool.call(
+            self.target, self.options, self.produced, item.prompt, item.response, item.reference
+        )
+        return self._rename(outcome)
+
+    def _rename(self, outcome: Outcome) -> Outcome:
+        if self.produced == self.info.reward_names:
+            return outcome
+        renamed = {
+            mine: outcome.values[theirs]
+            for mine, theirs in zip(self.info.reward_names, self.produced, strict=True)
+        }
+        return Outcome(renamed, outcome.detail)

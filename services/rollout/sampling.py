@@ -1,0 +1,102 @@
+"""Sample K responses per prompt from the student and record what the learner needs of each step.
+
+For every sampled response this keeps the response token ids, the behaviour log-prob of each
+sampled token (at the sampling temperature) and the student's top-K ids at each position (the
+dense support of seed 000, appendix B.2, when the run uses the student's top-K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass
+class SamplingConfig:
+    responses_per_prompt: int = 4  # K of Algorithm 1 (group size)
+    temperature: float = 1.0  # sampling temperature; 1.0 samples from the policy itself
+    max_new_tokens: int = 32  # response length limit
+    record_top_k: int = 0  # how many student top-K ids to keep per position (0: none)
+    eos_token_id: int | None = None  # a response ends after this token (kept in the response)
+    pad_token_id: int = 0
+
+
+@dataclass
+class Sample:
+    prompt_index: int  # which prompt of the batch this response answers
+    group_index: int  # 0..K-1 among the responses to that prompt
+    prompt_ids: list[int]
+    response_ids: list[int]  # (T,)
+    behaviour_logprobs: np.ndarray  # (T,) float32, log π_old(y_t) at the sampling temperature
+    top_k_ids: np.ndarray  # (T, record_top_k) int32, the student's top-K ids at each position
+
+
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _response_length(tokens: torch.Tensor, eos: int | None) -> int:
+    if eos is None:
+        return int(tokens.numel())
+    hits = (tokens == eos).nonzero()
+    return int(hits[0, 0]) + 1 if hits.numel() else int(tokens.numel())
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    generator_seed: int | None = None,
+) -> list[Sample]:
+    """K responses for each prompt, grouped prompt by prompt."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: every prompt needs at least one token")
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, cfg.pad_token_id)
+    out = model.generate(  # type: ignore[operator]
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=cfg.responses_per_prompt,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id,
+    )
+    new_tokens = out.sequences[:, ids.shape[1] :].cpu()  # (P*K, T_max)
+    logits = torch.stack(out.logits, dim=1).float().cpu()  # (P*K, T_max, V), raw (before warpers)
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    sampled_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+    top_ids = logits.topk(cfg.record_top_k, dim=-1).indices if cfg.record_top_k else None
+    samples = []
+    for row in range(new_tokens.shape[0]):
+        length = _response_length(new_tokens[row], cfg.eos_token_id)
+        prompt_index, group_index = divmod(row, cfg.responses_per_prompt)
+        k_ids = top_ids[row, :length] if top_ids is not None else torch.empty((length, 0))
+        samples.append(
+            Sample(
+                prompt_index=prompt_index,
+                group_index=group_index,
+                prompt_ids=list(prompts[prompt_index]),
+                response_ids=new_tokens[row, :length].tolist(),
+                behaviour_logprobs=sampled_lp[row, :length].numpy().astype(np.float32),
+                top_k_ids=k_ids.numpy().astype(np.int32),
+            )
+        )
+    return samples

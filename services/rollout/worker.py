@@ -1,0 +1,286 @@
+"""The rollout worker: lease a prompt, sample K responses, score them, publish the group.
+
+One loop per process (``python -m services.rollout --run-id ID``)::
+
+    lease a prompt (waits while the learner lags: backpressure)
+    → reload the student if the learner published newer weights
+    → sample K responses (services.rollout.sampling), with the student's top-K ids
+    → ask every teacher of the run concurrently, then the reward service
+    → publish the K records as one group (all or nothing, idempotent)
+
+A teacher that is down makes the worker retry the same group with backoff: nothing partial ever
+reaches the stream. The lease is renewed while the group is being worked on, so a slow worker
+keeps its prompt and a dead one's prompt is handed to another worker when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio
+import safetensors.torch
+import torch
+from grpc import aio
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from contracts import keys, runstate
+from contracts.rollout_record import Reward as RecordReward
+from contracts.rollout_record import TeacherArrays, build_rollout
+from contracts.runspec import RunSpec
+from proto.distill.v1 import reward_pb2, rollout_pb2
+from services.reward.client import RewardClient
+from services.reward.domain import Item, Status
+from services.rollout.dataset import Prompt, load_dataset
+from services.rollout.queue import LeaseLost, ProducerConfig, PromptLease, RolloutProducer
+from services.rollout.sampling import Sample, SamplingConfig, sample
+from services.teacher.client import TeacherClient, make_item, score_all
+from services.teacher.domain import ItemScores, TeacherError
+from services.teacher.fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Status.OK: reward_pb2.REWARD_STATUS_OK,
+    Status.ERROR: reward_pb2.REWARD_STATUS_ERROR,
+    Status.TIMEOUT: reward_pb2.REWARD_STATUS_TIMEOUT,
+    Status.UNAVAILABLE: reward_pb2.REWARD_STATUS_UNAVAILABLE,
+}
+
+
+@dataclass
+class WorkerConfig:
+    run_id: str
+    worker_id: str
+    reward_address: str | None = None  # the reward service (needed when the run has rewards)
+    teacher_token: str | None = None  # bearer token for the teacher services
+    reward_token: str | None = None
+    device: str = "cpu"
+    teacher_deadline_s: float = 60.0  # per Score call
+    reward_timeout_s: float = 30.0  # per verified item
+    retry_backoff_s: float = 1.0  # wait between tries of a group whose teachers or rewards failed
+    seed: int = 0
+
+
+@dataclass
+class _Student:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    version: int = -1  # policy version of the loaded weights (-1: the initial checkpoint)
+
+
+@dataclass
+class _Run:
+    spec: RunSpec
+    prompts: list[Prompt]
+    teachers: dict[str, TeacherClient] = field(default_factory=dict)
+    rewards: RewardClient | None = None
+
+
+def _support_needs_student_top_k(spec: RunSpec) -> bool:
+    return bool(spec.teachers) and spec.objective.support in ("student_top_k", "union")
+
+
+def _candidates(spec: RunSpec, s: Sample, vocab: int) -> np.ndarray:
+    """Ids each teacher scores at every position: the student's top-K, or all ids for full support.
+
+    The record stores them as its ``student_top_ids`` (the candidates' ids), so that every
+    teacher's ``candidate_logprobs`` lines up with them.
+    """
+    if spec.objective.support == "full":
+        return np.broadcast_to(np.arange(vocab), (len(s.response_ids), vocab))
+    if spec.objective.support in ("student_top_k", "union"):
+        return s.top_k_ids.astype(np.int64)
+    return np.zeros((len(s.response_ids), 0), np.int64)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: WorkerConfig, client: redis.asyncio.Redis) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.rng = np.random.default_rng(cfg.seed)
+
+    async def _load_run(self) -> tuple[_Run, _Student]:
+        raw = await self.client.get(runstate.run_spec_key(self.cfg.run_id))
+        if raw is None:
+            raise RuntimeError(f"run {self.cfg.run_id}: no spec in Redis; create the run first")
+        spec = RunSpec.model_validate_json(raw)
+        run = _Run(spec, load_dataset(Path(spec.dataset)))
+        tokenizer = AutoTokenizer.from_pretrained(spec.student)
+        model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=torch.float32)
+        model = model.to(self.cfg.device)  # type: ignore[arg-type]
+        student = _Student(model.eval(), tokenizer)
+        expected = fingerprint(tokenizer)
+        for ref in spec.teachers:
+            run.teachers[ref.name] = await self._teacher(ref.name, expected)
+        if spec.rewards:
+            if self.cfg.reward_address is None:
+                raise RuntimeError("reward_address: the run has rewards, pass --reward-address")
+            run.rewards = RewardClient(self.cfg.reward_address, self.cfg.reward_token)
+        return run, student
+
+    async def _teacher(self, name: str, expected_fingerprint: str) -> TeacherClient:
+        raw = await self.client.hget(runstate.teachers_key(), name)
+        if raw is None:
+            raise RuntimeError(f"teachers: {name!r} is not registered (POST /v1/teachers)")
+        address = json.loads(raw)["address"]
+        teacher = TeacherClient(
+            [address], token=self.cfg.teacher_token, deadline_s=self.cfg.teacher_deadline_s
+        )
+        await teacher.check_fingerprint(expected_fingerprint)
+        return teacher
+
+    async def _refresh_weights(self, student: _Student) -> None:
+        version = await self.client.get(keys.policy_version(self.cfg.run_id))
+        if version is None or int(version) <= student.version:
+            return
+        path = await self.client.hget(keys.policy_weights(self.cfg.run_id), "path")
+        if path is None:
+            return
+        state = await asyncio.to_thread(
+            safetensors.torch.load_file, path.decode() if isinstance(path, bytes) else path
+        )
+        student.model.load_state_dict(state)
+        student.version = int(version)
+        log.info("loaded policy version %d", student.version)
+
+    def _sampling(self, spec: RunSpec, student: _Student) -> SamplingConfig:
+        s = spec.sampling
+        tok = student.tokenizer
+        return SamplingConfig(
+            responses_per_prompt=s.responses_per_prompt,
+            temperature=s.temperature,
+            max_new_tokens=s.max_new_tokens,
+            record_top_k=spec.objective.top_k if _support_needs_student_top_k(spec) else 0,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )
+
+    async def _scores(self, run: _Run, samples: list[Sample], vocab: int) -> dict[str, list[ItemScores]]:
+        if not run.teachers:
+            return {}
+        items = [
+            make_item(s.prompt_ids + s.response_ids, len(s.prompt_ids), _candidates(run.spec, s, vocab))
+            for s in samples
+        ]
+        top_k = run.spec.objective.top_k if run.spec.objective.support in ("teacher_top_k", "union") else 1
+        return await score_all(run.teachers, items, top_k=top_k, dtype="float32")
+
+    async def _rewards(self, run: _Run, prompt: Prompt, texts: list[str]) -> list[list[RecordReward]]:
+        if run.rewards is None:
+            return [[] for _ in texts]
+        verifiers = tuple(dict.fromkeys(r.verifier for r in run.spec.rewards))
+        items = [Item(prompt.text, t, prompt.reference, verifiers) for t in texts]
+        results = await run.rewards.verify(items, timeout_s=self.cfg.reward_timeout_s)
+        wanted = {r.name for r in run.spec.rewards}
+        return [
+            [RecordReward(x.name, x.value if x.status == Status.OK else 0.0, _STATUS[x.status], x.detail)
+             for x in item if x.name in wanted]
+            for item in results
+        ]  # fmt: skip
+
+    async def _group(self, run: _Run, student: _Student, lease: PromptLease) -> list[rollout_pb2.Rollout]:
+        spec, prompt = run.spec, run.prompts[lease.dataset_index]
+        prompt_ids = student.tokenizer.encode(prompt.text)
+        seed = int(self.rng.integers(2**31))
+        samples = await asyncio.to_thread(
+            sample, student.model, [prompt_ids], self._sampling(spec, student), seed
+        )
+        vocab = int(student.model.get_output_embeddings().weight.shape[0])
+        texts = [str(student.tokenizer.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
+        scores, rewards = await asyncio.gather(
+            self._scores(run, samples, vocab), self._rewards(run, prompt, texts)
+        )
+        return [
+            build_rollout(
+                run_id=self.cfg.run_id,
+                prompt_id=lease.prompt_id,
+                group_index=s.group_index,
+                group_size=spec.sampling.responses_per_prompt,
+                attempt=lease.attempt,
+                dataset_index=lease.dataset_index,
+                policy_version=max(student.version, 0),
+                token_ids=np.asarray(s.prompt_ids + s.response_ids, np.int32),
+                response_start=len(s.prompt_ids),
+                sampled_logprobs=s.behaviour_logprobs,
+                student_top_ids=_candidates(spec, s, vocab) if spec.teachers else None,
+                teachers=[_teacher_arrays(name, scores[name][i]) for name in scores],
+                rewards=rewards[i],
+                worker_id=self.cfg.worker_id,
+                created_unix=time.time(),
+            )
+            for i, s in enumerate(samples)
+        ]
+
+    async def _keep_lease(self, producer: RolloutProducer, lease: PromptLease) -> None:
+        while True:
+            await asyncio.sleep(producer.config.lease_ttl_s / 3)
+            await producer.renew(lease)
+
+    async def _work_on(
+        self, run: _Run, student: _Student, producer: RolloutProducer, lease: PromptLease
+    ) -> None:
+        keeper = asyncio.create_task(self._keep_lease(producer, lease))
+        try:
+            while True:
+                try:
+                    records = await self._group(run, student, lease)
+                    break
+                except (aio.AioRpcError, TeacherError, ConnectionError) as err:
+                    # a teacher or the reward service is down: retry the whole group, publish nothing partial
+                    if keeper.done():
+                        raise
+                    log.warning(
+                        "prompt %d: %s; retrying in %.1f s", lease.prompt_id, err, self.cfg.retry_backoff_s
+                    )
+                    await asyncio.sleep(self.cfg.retry_backoff_s)
+            await producer.publish(lease, records)
+        finally:
+            keeper.cancel()
+
+    async def _run_over(self) -> bool:
+        status = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "status")
+        # A stopped run may be resumed: its workers wait (backpressure) instead of leaving.
+        return _text(status) in (runstate.RunStatus.SUCCEEDED, runstate.RunStatus.FAILED)
+
+    async def run(self, stop: asyncio.Event, poll_s: float = 0.2) -> int:
+        """Work until the run ends or ``stop`` is set; returns the number of groups published."""
+        run, student = await self._load_run()
+        spec = run.spec
+        producer = RolloutProducer(
+            self.client,
+            ProducerConfig(
+                run_id=self.cfg.run_id, group_size=spec.sampling.responses_per_prompt,
+                groups_per_step=spec.sampling.prompts_per_step, max_staleness=spec.max_staleness,
+                dataset_size=len(run.prompts),
+            ),
+        )  # fmt: skip
+        published = 0
+        while not stop.is_set() and not await self._run_over():
+            lease, _ = await producer.try_lease()
+            if lease is None:  # the learner lags by max_staleness versions: wait, drop nothing
+                await asyncio.sleep(poll_s)
+                continue
+            await self._refresh_weights(student)
+            try:
+                await self._work_on(run, student, producer, lease)
+                published += 1
+            except LeaseLost as err:
+                log.warning("%s; moving on", err)
+        return published
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _teacher_arrays(name: str, s: ItemScores) -> TeacherArrays:
+    return TeacherArrays(
+        teacher=name, token_logprobs=s.token_logprobs, top_ids=s.top_ids,
+        top_logprobs=s.top_logprobs, candidate_logprobs=s.candidate_logprobs,
+    )  # fmt: skip
