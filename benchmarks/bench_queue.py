@@ -43,6 +43,12 @@ from proto.distill.v1 import reward_pb2, rollout_pb2
 from services.rollout.queue import ProducerConfig, PromptLease, RolloutProducer
 
 
+def _distinct_ids(rng: np.random.Generator, positions: int, k: int, vocab: int = 32000) -> np.ndarray:
+    """(positions, k) ids, distinct within a position as a real top-K is (the record checks it)."""
+    start = rng.integers(0, vocab, (positions, 1))
+    return ((start + np.arange(k) * (vocab // k)) % vocab).astype(np.int32)
+
+
 def make_group(
     run_id: str, lease: PromptLease, k: int, args: argparse.Namespace
 ) -> list[rollout_pb2.Rollout]:
@@ -63,7 +69,7 @@ def make_group(
             dataset_index=lease.dataset_index, policy_version=0,
             token_ids=rng.integers(0, 32000, args.prompt + p, dtype=np.int32), response_start=args.prompt,
             sampled_logprobs=-rng.random(p, dtype=np.float32),
-            student_top_ids=rng.integers(0, 32000, (p, top), dtype=np.int32), teachers=[teacher],
+            student_top_ids=_distinct_ids(rng, p, top), teachers=[teacher],
             rewards=[Reward("exact_match", 1.0, reward_pb2.REWARD_STATUS_OK)],
         ))  # fmt: skip
     return out

@@ -7,7 +7,8 @@ directly in one process (exact, math), the engine in-process (worker pool, sandb
 everything but gRPC), and the same batches through a real service process over gRPC. It prints
 rates and the service overhead (in-process rate / service rate − 1) against the goals of
 issue 5: math ≥ 500/s, code ≥ 20/s, overhead ≤ 10 % for math. ``math`` is a mix (70 % plain
-numbers, 30 % symbolic, 8 responses per reference); ``math_symbolic`` is the slow path alone.
+numbers, 30 % symbolic, 8 responses per reference); ``math_numeric`` and ``math_symbolic`` are
+its two paths alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from services.reward.verifiers import builtin  # noqa: E402
 from tests.procs import ServiceProcess, free_port, wait_serving  # noqa: E402
 
 Results = dict[str, tuple["Measured", "Measured"]]  # verifier -> (in-process, through the service)
-BATCH = {"exact_match": 512, "math": 256, "math_symbolic": 256, "code": 32}
+BATCH = {"exact_match": 512, "math": 256, "math_numeric": 256, "math_symbolic": 256, "code": 32}
 
 
 def math_items(n: int, symbolic_share: float, k: int = 8) -> list[Item]:
@@ -65,6 +66,8 @@ def items_for(kind: str, n: int) -> list[Item]:
         return math_items(n, symbolic_share=0.3)
     if kind == "math_symbolic":
         return math_items(n, symbolic_share=1.0)
+    if kind == "math_numeric":
+        return math_items(n, symbolic_share=0.0)
     tests = json.dumps([{"input": f"{i}\n", "output": f"{2 * i}"} for i in range(3)])
     program = "```python\nimport sys\nprint(int(sys.stdin.readline()) * 2)\n```"
     return [Item("q", program + f"\n# variant {i}", {"tests": tests}, ("code",)) for i in range(n)]
@@ -207,10 +210,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    sizes = {"exact_match": args.exact, "math": args.math, "math_symbolic": args.math // 3, "code": args.code}
+    sizes = {"exact_match": args.exact, "math": args.math, "math_numeric": args.math,
+             "math_symbolic": args.math // 3, "code": args.code}  # fmt: skip
     chunks = 2 * args.rounds + 1  # warm-up/direct, then one per round and side: no item is scored twice
     workloads = {k: _split(items_for(k, n * chunks), n) for k, n in sizes.items()}
-    direct = {k: direct_rate(k, workloads[k][0][:2000]) for k in ("exact_match", "math", "math_symbolic")}
+    direct = {k: direct_rate(k, workloads[k][0][:2000]) for k in sizes if k != "code"}
     results = asyncio.run(
         measure(workloads, args.workers, args.rounds, Path("/tmp/bench_reward_service.log"))
     )

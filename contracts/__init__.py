@@ -1,5 +1,7 @@
-"""Small pure-Python contracts shared by processes (no torch, no numpy).
+"""Contracts shared by the platform's processes; nothing here imports torch.
 
-`contracts.schedules` holds the λ schedules that the control plane validates and the learner
-evaluates.
+- ``runspec``: the run spec users submit (pydantic); ``schedules``: λ schedules (pure Python).
+- ``runstate``: run lifecycle, registries and metrics in Redis; ``keys``: every Redis key name.
+- ``rollout_record`` and ``tensors``: the rollout record and packed little-endian arrays (numpy).
+- ``redis_server``: Redis clients with retries, and the embedded ``redis-server``.
 """

@@ -196,6 +196,14 @@ def _reward(r: rollout_pb2.RolloutReward, i: int) -> Reward:
     return Reward(name=r.name, value=r.value, status=r.status, detail=r.detail)
 
 
+def _check_distinct(ids: npt.NDArray[np.generic], name: str) -> None:
+    """A support lists each id once per position: a repeat would count its mass twice."""
+    if ids.ndim == 2 and ids.shape[1] > 1:
+        ordered = np.sort(ids, axis=1)
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise RolloutDecodeError(name, "an id appears twice at one position")
+
+
 def decode_rollout(data: bytes) -> DecodedRollout:
     """Parse and validate one record; :class:`RolloutDecodeError` names the first bad field."""
     msg = rollout_pb2.Rollout()
@@ -212,12 +220,14 @@ def decode_rollout(data: bytes) -> DecodedRollout:
     tokens = _array(msg.token_ids, "int32", (length,), "token_ids")
     p, k = length - msg.response_start, msg.student_top_k
     sampled = _array(msg.sampled_logprobs, "float32", (p if msg.sampled_logprobs else 0,), "sampled_logprobs")
+    top_ids = _array(msg.student_top_ids, "int32", (p, k), "student_top_ids")
+    _check_distinct(top_ids, "student_top_ids")
     return DecodedRollout(
         rollout_id=msg.rollout_id, run_id=msg.run_id, prompt_id=msg.prompt_id,
         group_index=msg.group_index, group_size=msg.group_size, attempt=msg.attempt,
         dataset_index=msg.dataset_index, policy_version=msg.policy_version,
         token_ids=tokens, response_start=msg.response_start, sampled_logprobs=sampled,
-        student_top_ids=_array(msg.student_top_ids, "int32", (p, k), "student_top_ids"),
+        student_top_ids=top_ids,
         teachers=[_teacher(t, p, k, i) for i, t in enumerate(msg.teachers)],
         rewards=[_reward(r, i) for i, r in enumerate(msg.rewards)],
     )  # fmt: skip

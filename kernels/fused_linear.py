@@ -9,7 +9,7 @@ before the next chunk, as Liger-Kernel's fused linear losses do.
 The gradient computed during the forward is that of the scalar
     L = Σ_n kl_weights[n] · kl[n] + advantages[n] · target_logprob[n]
 (kl_weights default 1, advantages default 0). Backward receives (g_kl, g_lp): when they equal
-c·(kl_weights, advantages) for one scalar c — any loss of the form c·L, e.g. L.sum() · grad_output
+c·(kl_weights, advantages) for one scalar c — any loss of the form c·L, e.g. L · grad_output
 or a mean — it returns c times the stored gradients; otherwise it recomputes exactly with the given
 per-row weights (a second chunked pass), so autograd is right for every use.
 Tests: `pytest tests/test_kernels_fused_linear.py`; benchmark: `benchmarks/bench_fused_linear.py`.
@@ -45,13 +45,31 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
     return max(min(n, _MIN_CHUNK_ROWS), min(n, math.ceil(n * h / max(v, 1))))
 
 
+_MIXED_MM_OK: dict[str, bool] = {}  # device type → torch.mm(..., out_dtype=float32) available
+
+
+def _mixed_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a @ b with half inputs and an fp32 result (CUDA GEMM, fp32 epilogue), or None if unsupported."""
+    kind = a.device.type
+    if not _MIXED_MM_OK.get(kind, kind == "cuda"):
+        return None
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as err:  # older torch / other backends
+        logger.info("torch.mm(out_dtype=float32) unavailable on %s (%s); upcasting chunks", kind, err)
+        _MIXED_MM_OK[kind] = False
+        return None
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor) -> None:
     """acc (V, H) fp32 += grad_zᵀ @ h: fp32 accumulation across chunks whatever the input dtype."""
     if grad_z.dtype == torch.float32:
         acc.addmm_(grad_z.t(), h)
-    elif acc.is_cuda:
-        acc.add_(torch.mm(grad_z.t(), h, out_dtype=torch.float32))
-    else:  # CPU has no mixed-precision mm: upcast the chunk
+        return
+    product = _mixed_mm(grad_z.t(), h)
+    if product is not None:
+        acc.add_(product)
+    else:  # no mixed-precision mm here (e.g. CPU): upcast the chunk
         acc.addmm_(grad_z.t().float(), h.float())
 
 

@@ -20,16 +20,19 @@ import torch.nn.functional as F
 from kernels.reference import LOGQ_FLOOR
 from kernels.validation import KernelInputs, RowStats
 
-# ~4 MiB of fp32 per [chunk, V] temporary: few enough chunks that per-op (OpenMP region) overhead
-# stays small on a busy machine, small enough to stay in the last-level cache.
+# Elements per [chunk, V] fp32 temporary. One thread: 4 MiB stays in the last-level cache. Several
+# threads: every op is an OpenMP fork/join, whose barriers cost milliseconds when the cores are
+# shared with other processes, so fewer, 16 MiB chunks (measured with benchmarks/bench_dense_kl).
 _CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS_THREADED = 1 << 22
 # exp(x) is exactly 0 in fp32 below −103.3, so clamping z − max at −200 leaves p, kl and ∇_z bit for
 # bit unchanged while keeping every product p·(log p − …) finite (no 0·(−inf) → NaN, no where()).
 _SHIFT_FLOOR = -200.0
 
 
 def default_chunk_rows(vocab: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    budget = _CHUNK_ELEMENTS if torch.get_num_threads() == 1 else _CHUNK_ELEMENTS_THREADED
+    return max(1, budget // max(vocab, 1))
 
 
 def _teacher_logq(lq_m: torch.Tensor, lse_m: torch.Tensor | None) -> torch.Tensor:

@@ -66,11 +66,13 @@ def _full_forward_kernel(
         mask = offs < V
         z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         wlq = tl.zeros([BLOCK_V], dtype=tl.float32)
+        lq_t = lq_row  # stepped pointer: t·stride could overflow int32 for large M·N·V
         for t in range(M):
-            lq = tl.load(lq_row + t * stride_lq_m + offs, mask=mask, other=0.0).to(tl.float32)
+            lq = tl.load(lq_t + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_LSE:  # teacher logits: log q = t − logsumexp(t)
                 lq = lq - tl.load(lse_ptr + t * stride_lse_m + row)
             wlq += tl.load(alpha_ptr + t) * tl.maximum(lq, FLOOR)
+            lq_t += stride_lq_m
         m_new = tl.maximum(m, tl.max(z, axis=0))
         ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         ref_old = tl.where(m == float("-inf"), 0.0, m)
@@ -89,7 +91,7 @@ def _full_forward_kernel(
     tl.store(max_ptr + row, ref)
     tl.store(logsum_ptr + row, log_sum)
     tl.store(kl_ptr + row, kl)
-    tlp = 0.0
+    tlp = tl.zeros_like(kl)  # an fp32 tensor (not a Python float) for the store below
     if HAS_TARGETS:
         y = tl.load(tgt_ptr + row)
         zy = tl.load(z_row + y, mask=y >= 0, other=0.0).to(tl.float32)
@@ -142,11 +144,13 @@ def _full_backward_kernel(
         mask = offs < V
         z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         wlq = tl.zeros([BLOCK_V], dtype=tl.float32)
+        lq_t = lq_row  # stepped pointer: t·stride could overflow int32 for large M·N·V
         for t in range(M):
-            lq = tl.load(lq_row + t * stride_lq_m + offs, mask=mask, other=0.0).to(tl.float32)
+            lq = tl.load(lq_t + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_LSE:  # teacher logits: log q = t − logsumexp(t)
                 lq = lq - tl.load(lse_ptr + t * stride_lse_m + row)
             wlq += tl.load(alpha_ptr + t) * tl.maximum(lq, FLOOR)
+            lq_t += stride_lq_m
         logp = (z - ref) - log_sum
         p = tl.exp(logp)
         g = gkl * p * (a_sum * tl.where(p > 0.0, logp, 0.0) - wlq - kl)  # eq. 11 / 14
@@ -202,9 +206,11 @@ def _support_forward_kernel(
         valid = idx >= 0
         zs = tl.load(z_row + idx, mask=valid, other=float("-inf")).to(tl.float32)
         wlq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        lq_t = lq_row  # stepped pointer: t·stride could overflow int32 for large M·N·V
         for t in range(M):
-            lq = tl.load(lq_row + t * stride_lq_m + offs_k, mask=valid, other=0.0).to(tl.float32)
+            lq = tl.load(lq_t + offs_k, mask=valid, other=0.0).to(tl.float32)
             wlq += tl.load(alpha_ptr + t) * tl.maximum(lq, FLOOR)
+            lq_t += stride_lq_m
         logp = (zs - ref) - log_sum
         p = tl.exp(logp)
         keep = valid & (p > 0.0)
@@ -212,7 +218,7 @@ def _support_forward_kernel(
     tl.store(max_ptr + row, ref)
     tl.store(logsum_ptr + row, log_sum)
     tl.store(kl_ptr + row, acc)
-    tlp = 0.0
+    tlp = tl.zeros_like(acc)  # an fp32 tensor (not a Python float) for the store below
     if HAS_TARGETS:
         y = tl.load(tgt_ptr + row)
         zy = tl.load(z_row + y, mask=y >= 0, other=0.0).to(tl.float32)
@@ -270,9 +276,11 @@ def _support_backward_kernel(
         valid = idx >= 0
         zs = tl.load(z_row + idx, mask=valid, other=float("-inf")).to(tl.float32)
         wlq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        lq_t = lq_row  # stepped pointer: t·stride could overflow int32 for large M·N·V
         for t in range(M):
-            lq = tl.load(lq_row + t * stride_lq_m + offs_k, mask=valid, other=0.0).to(tl.float32)
+            lq = tl.load(lq_t + offs_k, mask=valid, other=0.0).to(tl.float32)
             wlq += tl.load(alpha_ptr + t) * tl.maximum(lq, FLOOR)
+            lq_t += stride_lq_m
         logp = (zs - ref) - log_sum
         p = tl.exp(logp)
         keep = valid & (p > 0.0)

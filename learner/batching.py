@@ -32,6 +32,19 @@ class Packed:
     width: int  # T = max P_b
 
 
+def check_vocab(rollout: DecodedRollout, vocab: int) -> None:
+    """Every id of the record indexes the student's vocabulary; BatchError names the field if not.
+
+    The record's decoder cannot know the vocabulary, so a record of another tokenizer is caught
+    here, before it can index out of bounds inside the forward pass or a kernel.
+    """
+    arrays = [("token_ids", rollout.token_ids), ("student_top_ids", rollout.student_top_ids)]
+    arrays += [(f"teachers[{i}].top_ids", t.top_ids) for i, t in enumerate(rollout.teachers)]
+    for name, ids in arrays:
+        if ids.size and int(ids.max()) >= vocab:
+            raise BatchError(f"{name}: id {int(ids.max())} is outside the student's vocabulary of {vocab}")
+
+
 def pack_sequences(rollouts: Sequence[DecodedRollout], pad_id: int = 0) -> Packed:
     if not rollouts:
         raise BatchError("rollouts: a batch needs at least one rollout")

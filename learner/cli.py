@@ -5,7 +5,7 @@ running one whose learner died) in Redis, claims it, trains it, and looks for th
 Connects to ``REDIS_URL`` (or starts an embedded redis-server in the run directory) and sets up
 DDP when launched by torchrun (gloo on CPU, nccl on GPU). With ``--run-id`` the exit code is the
 run's outcome: 0 succeeded (or left to a restarted learner after SIGTERM), 3 stopped, 1 failed.
-SIGTERM finishes the step in progress, writes a checkpoint and exits.
+SIGTERM (or Ctrl-C) finishes the step in progress, writes a checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-timeout-s", type=float, default=5.0)
     p.add_argument("--lease-ttl-s", type=float, default=30.0, help="heartbeat lease on the run")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often to look for runs to serve")
+    p.add_argument("--claim-idle-ms", type=int, default=60_000, help="claim entries idle this long")
+    p.add_argument("--max-deliveries", type=int, default=3, help="dead-letter a bad entry after this many")
     p.add_argument("--audit", action="store_true", help="record every applied rollout id in checkpoints")
     return p.parse_args(argv)
 
@@ -73,6 +75,7 @@ class _Service:
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self.exiting = False
         self.current: Learner | None = None
+        self._waiting = False
 
     def request_exit(self) -> None:
         self.exiting = True
@@ -86,14 +89,16 @@ class _Service:
             lease = LearnerLease(self.client, run_id, self.holder, self.a.lease_ttl_s)
             if lease.claim():
                 return run_id, lease
-            if self.a.run_id:
-                log.error("run %s is held by a live learner; not starting a second one", run_id)
+            if self.a.run_id and not self._waiting:
+                log.warning("run %s is held by another learner; waiting for its lease to lapse", run_id)
+                self._waiting = True
         return None
 
     def train(self, run_id: str, lease: LearnerLease | None) -> rs.RunStatus:
         raw = self.client.get(rs.run_spec_key(run_id)) if self.client is not None else None
         spec = RunSpec.model_validate_json(_broadcast(raw))  # type: ignore[arg-type]
         cfg = LearnerConfig(run_id, self.a.runs_dir / run_id, "learner", self.device, self.a.batch_timeout_s,
+                            claim_idle_ms=self.a.claim_idle_ms, max_deliveries=self.a.max_deliveries,
                             audit=self.a.audit)  # fmt: skip
         self.current = Learner(cfg, self.client, spec, lease)
         if lease is not None:
@@ -117,9 +122,7 @@ class _Service:
 def _serve(svc: _Service, once: bool) -> int:
     while not svc.exiting:
         claim = svc.next_claim()
-        if claim is None:
-            if once:
-                return 2
+        if claim is None:  # nothing to serve, or (with --run-id) a live learner still holds the run
             time.sleep(svc.a.poll_s)
             continue
         log.info("training run %s", claim[0])
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if embedded is not None:
         log.info("no REDIS_URL: embedded redis-server at %s", embedded.url)
     svc = _Service(a, client, device)
-    signal.signal(signal.SIGTERM, lambda *_: svc.request_exit())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: svc.request_exit())
     try:
         if a.run_id and client is not None and client.get(rs.run_spec_key(a.run_id)) is None:
             log.error(

@@ -207,6 +207,10 @@ class RolloutConsumer:
             if len(ready) >= num_groups or (time.monotonic() >= deadline and self._backlog is None):
                 for g in ready:
                     del self._groups[g.key]
+                    if not g.complete:
+                        logger.warning("group %s incomplete after %.0f s, training on it", g.key,
+                                       time.monotonic() - g.updated)  # fmt: skip
+                        self._count("partial_groups")
                 return Batch(ready)
 
     def _ready_groups(self, limit: int) -> list[Group]:
@@ -217,9 +221,6 @@ class RolloutConsumer:
         for g in self._groups.values():
             stalled = bool(g.members) and now - g.updated > self.config.group_wait_s
             if g.complete or stalled:
-                if not g.complete:
-                    logger.warning("group %s incomplete after %.0f s, training on it", g.key, now - g.updated)
-                    self._count("partial_groups")
                 ready.append(g)
             if len(ready) >= limit:
                 break
@@ -273,6 +274,17 @@ class RolloutConsumer:
             logger.warning("entry %s failed (%s), delivery %d: %s", entry_id, reason, deliveries, detail)
             return
         self._dead_letter(entry_id, fields, reason, f"{detail} (after {deliveries} deliveries)")
+
+    def reject_group(self, group: Group, reason: str, detail: str) -> None:
+        """Dead-letter every member of a delivered group that may not be trained on (e.g. one of
+        its rewards failed) and give the group's place in the staleness budget back."""
+        for m in group.members:
+            self._dead_letter(m.entry_id, {F_ROLLOUT_ID: m.rollout.rollout_id.encode()}, reason, detail)
+            self._held.discard(m.entry_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(keys.producer_counters(self.config.run_id), "accepted_groups", -1)
+        pipe.hincrby(keys.learner_counters(self.config.run_id), "groups_dropped", 1)
+        pipe.execute()
 
     def _dead_letter(self, entry_id: str, fields: Fields, reason: str, detail: str) -> None:
         dead = {

@@ -6,6 +6,11 @@ Top to bottom, one run (``python -m learner --run-id ID``)::
                 → consumer group on the rollout stream → publish the starting weights
     each step:  whole prompt groups → student logits → Dense + Sparse objective (learner.objective)
                 → clip → optimizer step → publish weights (version + 1) → metrics
+    metrics:    one entry per step in the run's metrics stream; besides the loss parts, ``data_wait_s``
+                (seconds spent waiting for whole groups in ``_next_batch`` since the previous step),
+                ``wait_fraction`` (that wait over the step's wall time) and ``wait_fraction_total``
+                (the same since this learner process started): near 0 when rollouts are waiting,
+                near 1 when the learner starves (see benchmarks/bench_learner.py)
     checkpoint: every ``checkpoint_interval`` steps, durable first, then XACK (exactly once:
                 a restart re-reads unacknowledged entries and skips those the checkpoint lists)
     end:        honours stop at a step boundary; final checkpoint; status succeeded | stopped
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ from contracts.runspec import RunSpec
 from contracts.schedules import ScheduleTimeline
 from learner import run_state
 from learner.applied import AppliedIds
-from learner.batching import objective_batch, pack_sequences, rewards_matrix
+from learner.batching import BatchError, check_vocab, objective_batch, pack_sequences, rewards_matrix
 from learner.checkpoint import (
     Checkpoint,
     capture_rng,
@@ -43,7 +48,7 @@ from learner.checkpoint import (
     save_checkpoint,
 )
 from learner.objective import ObjectiveConfig, objective_loss
-from learner.queue import Batch, ConsumerConfig, RolloutConsumer
+from learner.queue import Batch, ConsumerConfig, Group, RolloutConsumer
 from learner.run_state import LearnerLease
 
 log = logging.getLogger(__name__)
@@ -57,7 +62,33 @@ class LearnerConfig:
     device: str = "cpu"
     batch_timeout_s: float = 5.0  # wait this long for whole groups before checking stop requests
     keep_checkpoints: int = 3
+    claim_idle_ms: int = 60_000  # entries idle this long are claimed (a dead consumer's, or poison retries)
+    max_deliveries: int = 3  # an entry that fails to decode this many times is dead-lettered
     audit: bool = False  # keep every applied rollout id in the checkpoint, step by step (for audits)
+
+
+@dataclass
+class DataWait:
+    """Time the learner waits for rollouts: per step, and in total since the learner started."""
+
+    since: float = field(default_factory=time.perf_counter)  # end of the previous step
+    step_s: float = 0.0  # waited in _next_batch since then (empty polls included)
+    total_wait_s: float = 0.0
+    total_wall_s: float = 0.0
+
+    def close_step(self) -> dict[str, float]:
+        """The step's ``data_wait_s``, ``wait_fraction`` and ``wait_fraction_total``; starts the next."""
+        now = time.perf_counter()
+        wall = max(now - self.since, self.step_s, 1e-9)
+        self.total_wait_s += self.step_s
+        self.total_wall_s += wall
+        out = {
+            "data_wait_s": self.step_s,
+            "wait_fraction": self.step_s / wall,
+            "wait_fraction_total": self.total_wait_s / self.total_wall_s,
+        }
+        self.since, self.step_s = now, 0.0
+        return out
 
 
 def objective_config(spec: RunSpec) -> ObjectiveConfig:
@@ -100,6 +131,8 @@ class Learner:
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
         self.consumer = self._consumer() if self.rank == 0 else None
         self._exit_requested = False
+        self._carry: list[Group] = []  # whole groups read but not yet trained on
+        self.data_wait = DataWait()
 
     def request_exit(self) -> None:
         """Finish the step in progress, checkpoint and return (SIGTERM); the run stays running."""
@@ -123,7 +156,10 @@ class Learner:
 
     def _consumer(self) -> RolloutConsumer:
         assert self.client is not None
-        config = ConsumerConfig(self.cfg.run_id, self.cfg.consumer, max_staleness=self.spec.max_staleness)
+        config = ConsumerConfig(
+            self.cfg.run_id, self.cfg.consumer, self.spec.max_staleness,
+            max_deliveries=self.cfg.max_deliveries, claim_idle_ms=self.cfg.claim_idle_ms,
+        )  # fmt: skip
         return RolloutConsumer(self.client, config, applied=self.applied)
 
     def _publish(self) -> None:
@@ -142,25 +178,50 @@ class Learner:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def _next_batch(self) -> Batch:
-        """Whole prompt groups with usable rewards; groups with a failed reward are dead-lettered."""
+    def _usable(self, groups: list[Group]) -> list[Group]:
+        """Groups fit to train on. Dead-lettered instead: ids outside the student's vocabulary, or a
+        failed reward with no failure_value."""
         assert self.consumer is not None
-        batch = self.consumer.next_batch(
-            self.spec.sampling.prompts_per_step, self.version, timeout_s=self.cfg.batch_timeout_s
-        )
         names = [r.name for r in self.spec.rewards]
         fallbacks = [r.failure_value for r in self.spec.rewards]
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
         keep = []
-        for group in batch.groups:
-            _, failed = rewards_matrix([m.rollout for m in group.members], names, fallbacks)
-            if failed:
-                self.consumer.dead_letter_group(group, "reward_failed", "a verifier failed or timed out")
+        for group in groups:
+            rollouts = [m.rollout for m in group.members]
+            try:
+                for r in rollouts:
+                    check_vocab(r, vocab)
+            except BatchError as err:
+                self.consumer.reject_group(group, "invalid", str(err))
+                continue
+            if rewards_matrix(rollouts, names, fallbacks)[1]:
+                self.consumer.reject_group(group, "reward_failed", "a verifier failed or timed out")
             else:
                 keep.append(group)
-        return Batch(keep)
+        return keep
 
-    def _lambdas(self) -> list[float]:
-        return [self.timelines[r.name].at(self.step) for r in self.spec.rewards]
+    def _pause_requested(self) -> bool:
+        assert self.client is not None
+        desired = self.client.hget(rs.run_state_key(self.cfg.run_id), "desired")
+        lost = self.lease is not None and self.lease.lost.is_set()
+        return self._exit_requested or lost or desired == rs.Desired.STOP.value.encode()
+
+    def _next_batch(self) -> Batch:
+        """A full batch of ``prompts_per_step`` whole groups, or none when a stop or exit is requested
+        first (the groups gathered so far wait in ``_carry`` for the next call)."""
+        assert self.consumer is not None
+        want = self.spec.sampling.prompts_per_step
+        while len(self._carry) < want:
+            got = self.consumer.next_batch(want - len(self._carry), self.version, self.cfg.batch_timeout_s)
+            self._carry += self._usable(got.groups)
+            if len(self._carry) < want and self._pause_requested():
+                return Batch([])
+        batch, self._carry = Batch(self._carry[:want]), self._carry[want:]
+        return batch
+
+    def _lambdas(self, step: int) -> list[float]:
+        """λ_n in effect at ``step`` (the step being trained, counted from 1)."""
+        return [self.timelines[r.name].at(step) for r in self.spec.rewards]
 
     def _shard(self, batch: Batch) -> list[Any]:
         """This rank's rollouts (whole groups, round-robin), and the global response count."""
@@ -185,7 +246,7 @@ class Learner:
         batch = objective_batch(
             logits.float(), packed, rollouts, teachers, self.spec.objective.support, rewards
         )
-        out = objective_loss(self.objective, batch, self._lambdas())
+        out = objective_loss(self.objective, batch, self._lambdas(self.step + 1))
         # DDP averages over ranks; rescaling by this rank's share makes it the global normalization.
         scale = len(rollouts) * self.world / max(total, 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,7 +254,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
         self.optimizer.step()
         metrics = {
-            "loss": float(out.loss), "dense_kl": float(out.kl_mean), "sparse": float(out.sparse),
+            "loss": float(out.loss.detach()), "dense_kl": float(out.kl_mean), "sparse": float(out.sparse),
             "grad_norm": float(grad_norm), "tokens": float(out.num_tokens),
         }  # fmt: skip
         for n, name in enumerate(names):
@@ -233,7 +294,7 @@ class Learner:
         return {
             "queue_len": float(lag or 0),
             "policy_lag": float(self.version - sum(versions) / len(versions)) if versions else 0.0,
-            "dead_letters": float(counters.get("dead_letters", 0)),
+            "dead_letters": float(sum(n for name, n in counters.items() if name.startswith("dead:"))),
         }
 
     def _boundary(self) -> tuple[rs.Desired, bool]:
@@ -260,7 +321,9 @@ class Learner:
         return run_state.apply(self.client, self.cfg.run_id, command).status
 
     def _one_step(self) -> None:
+        waited = time.perf_counter()
         batch = self._next_batch() if self.rank == 0 else Batch([])
+        self.data_wait.step_s += time.perf_counter() - waited
         count = [sum(len(g.members) for g in batch.groups)]
         if self.world > 1:
             dist.broadcast_object_list(count, src=0)
@@ -283,9 +346,10 @@ class Learner:
         metrics |= self._queue_metrics(batch)
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics |= {"step": float(self.step), "gamma": self.spec.objective.gamma}
+        metrics |= self.data_wait.close_step()
         metrics |= {
             f"{rs.LAMBDA_PREFIX}{r.name}": lam
-            for r, lam in zip(self.spec.rewards, self._lambdas(), strict=True)
+            for r, lam in zip(self.spec.rewards, self._lambdas(self.step), strict=True)
         }
         run_state.write_metrics(self.client, self.cfg.run_id, metrics)
         log.info("step %d: loss %.4f kl %.4f", self.step, metrics["loss"], metrics["dense_kl"])
@@ -296,6 +360,7 @@ class Learner:
             assert self.client is not None
             run_state.apply(self.client, self.cfg.run_id, rs.Command.START)
             self._publish_start()
+        self.data_wait = DataWait()  # model loading and the first publication are not step time
         try:
             while self.step < self.spec.steps:
                 desired, leave = self._boundary()

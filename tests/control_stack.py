@@ -1,12 +1,11 @@
 """Helpers for the control-plane tests: a real redis-server and a real uvicorn process on loopback,
-and a stand-in for the learner that advances a run's state and metrics the way the contract says.
+and a driver of a run's state that uses the learner's own state code (no training).
 
 Each test module starts its own stack (``ControlStack``) on free ports; never the machine's Redis.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ import redis
 
 from contracts import runstate as rs
 from contracts.redis_server import EmbeddedRedis
-from contracts.schedules import ScheduleTimeline
+from learner import run_state
 from tests.procs import ServiceProcess, free_port
 
 TOKEN = "test-token-0123456789abcdef"
@@ -66,47 +65,32 @@ def wait_http(proc: ServiceProcess, url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} not answering after {timeout} s:\n{proc.log()}")
 
 
-class FakeLearner:
-    """Does to Redis what the learner will: transitions through ``transition``, steps, metrics."""
+class LearnerStateDriver:
+    """Moves a run through the states the learner puts it in, with the learner's own state code
+    (``learner.run_state``), but without training: the control plane's tests reach every state."""
 
     def __init__(self, client: redis.Redis, run_id: str) -> None:
         self.redis, self.run_id = client, run_id
-        self.key = rs.run_state_key(run_id)
 
     def command(self, command: rs.Command) -> rs.RunState:
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(self.key)
-                    state = rs.RunState.from_hash(pipe.hgetall(self.key))  # type: ignore[arg-type]
-                    status, desired = rs.transition(state.status, state.desired, command)
-                    new = state.model_copy(update={"status": status, "desired": desired})
-                    pipe.multi()
-                    pipe.hset(self.key, mapping=new.to_hash())  # type: ignore[arg-type]
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+        return run_state.apply(self.redis, self.run_id, command)
 
     def begin_step(self, step: int) -> dict[str, float]:
-        """Advance ``step`` and read the λ timelines in one MULTI (the contract); λ per reward."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key, "step", str(step))
-            pipe.hgetall(rs.run_schedules_key(self.run_id))
-            _, raw = pipe.execute()
-        return {n: ScheduleTimeline.from_dict(json.loads(v)).at(step) for n, v in raw.items()}
+        """Advance ``step`` and read the λ timelines as the learner does; λ per reward."""
+        _, timelines = run_state.begin_step(self.redis, self.run_id, step, {})
+        return {name: t.at(step) for name, t in timelines.items()}
 
     def write_metrics(
         self, step: int, kl: float, rewards: Mapping[str, float], lambdas: Mapping[str, float]
-    ) -> str:
-        fields: dict[str, str] = {
-            "step": str(step), "loss": str(kl - sum(rewards.values())), "dense_kl": str(kl),
-            "sparse": "0.0", "gamma": "0.0", "tokens_per_s": "1000", "queue_len": "3",
-            "policy_lag": "1", "dead_letters": "0", "teacher_latency_s": "0.02", "reward_timeouts": "0",
+    ) -> None:
+        values = {
+            "step": step, "loss": kl - sum(rewards.values()), "dense_kl": kl, "sparse": 0.0, "gamma": 0.0,
+            "tokens_per_s": 1000.0, "queue_len": 3.0, "policy_lag": 1.0, "dead_letters": 0.0,
+            "teacher_latency_s": 0.02, "reward_timeouts": 0.0,
         }  # fmt: skip
-        fields.update({f"reward/{n}": str(v) for n, v in rewards.items()})
-        fields.update({f"lambda/{n}": str(v) for n, v in lambdas.items()})
-        return str(self.redis.xadd(rs.run_metrics_key(self.run_id), fields))  # type: ignore[arg-type]
+        values |= {f"{rs.REWARD_PREFIX}{n}": v for n, v in rewards.items()}
+        values |= {f"{rs.LAMBDA_PREFIX}{n}": v for n, v in lambdas.items()}
+        run_state.write_metrics(self.redis, self.run_id, values)
 
 
 def run_ids(client: redis.Redis) -> set[str]:

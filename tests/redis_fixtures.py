@@ -33,6 +33,11 @@ def embedded(data_dir: Path, appendfsync: str = "always") -> Iterator[EmbeddedRe
         server.stop()
 
 
+def _distinct_ids(rng: np.random.Generator, vocab: int, positions: int, k: int) -> np.ndarray:
+    """(positions, k) int32 ids, distinct within each position, as a real top-K is."""
+    return np.stack([rng.choice(vocab, k, replace=False) for _ in range(positions)]).astype(np.int32)
+
+
 def synthetic_group(
     run_id: str, lease: PromptLease, group_size: int, *, tokens: int = 12, top_k: int = 4,
     policy_version: int = 0, seed: int = 0, vocab: int = 100,
@@ -46,7 +51,7 @@ def synthetic_group(
         teacher = TeacherArrays(
             teacher="t0",
             token_logprobs=-rng.random(p, dtype=np.float32),
-            top_ids=rng.integers(0, vocab, (p, top_k), dtype=np.int32),
+            top_ids=_distinct_ids(rng, vocab, p, top_k),
             top_logprobs=-rng.random((p, top_k), dtype=np.float32),
             candidate_logprobs=-rng.random((p, top_k), dtype=np.float32),
         )
@@ -55,7 +60,7 @@ def synthetic_group(
             attempt=lease.attempt, dataset_index=lease.dataset_index, policy_version=policy_version,
             token_ids=rng.integers(0, vocab, tokens, dtype=np.int32), response_start=start,
             sampled_logprobs=-rng.random(p, dtype=np.float32),
-            student_top_ids=rng.integers(0, vocab, (p, top_k), dtype=np.int32),
+            student_top_ids=_distinct_ids(rng, vocab, p, top_k),
             teachers=[teacher],
             rewards=[Reward("exact_match", float(g % 2), reward_pb2.REWARD_STATUS_OK)],
         ))  # fmt: skip

@@ -1,7 +1,7 @@
 """The ``distill`` CLI against a live control plane (real uvicorn, real redis-server).
 
-The learner does not exist in these tests: ``FakeLearner`` writes the run state and the metrics
-stream exactly as the contract (``contracts/runstate.py``) asks the learner to. Commands run
+No learner trains here: ``LearnerStateDriver`` moves the run state and writes metrics with the
+learner's own state code (``learner/run_state.py``); `tests/test_cli_up.py` runs the real one. Commands run
 in-process through typer's ``CliRunner``; one runs the installed ``distill`` script.
 Run: ``.venv/bin/pytest tests/test_cli.py -q`` (about 15 s).
 """
@@ -24,7 +24,7 @@ from typer.testing import CliRunner, Result
 
 from contracts import runstate as rs
 from services.control.cli import app
-from tests.control_stack import TOKEN, ControlStack, FakeLearner, run_ids
+from tests.control_stack import TOKEN, ControlStack, LearnerStateDriver, run_ids
 from tests.procs import free_port
 from tests.test_control_api import SPEC
 
@@ -73,7 +73,7 @@ def test_status_of_unknown_run_prints_the_problem(stack: ControlStack) -> None:
 
 def test_schedule_changes_lambda_from_the_next_step(stack: ControlStack) -> None:
     run_id = _new_run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     learner.begin_step(7)
     result = distill(stack, "schedule", run_id, "acc=0.25")
@@ -106,7 +106,7 @@ def test_verifiers_add_and_list(stack: ControlStack) -> None:
 
 def test_plot_writes_a_png_of_kl_rewards_and_lambda(stack: ControlStack, tmp_path: Path) -> None:
     run_id = _new_run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     empty = distill(stack, "plot", run_id, "--out", str(tmp_path / "none.png"))
     assert empty.exit_code == 1 and "no metrics" in empty.stderr
     for step in range(1, 21):
@@ -130,7 +130,7 @@ def _drive(stack: ControlStack, before: set[str], final: rs.Command, steps: int)
             break
         time.sleep(0.02)
     (run_id,) = new
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     for step in range(1, steps + 1):
         lambdas = learner.begin_step(step)

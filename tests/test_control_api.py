@@ -22,7 +22,7 @@ from contracts import runstate as rs
 from services.control.app import create_app
 from services.control.routes import MUTATING, route_table
 from services.control.settings import ControlSettings
-from tests.control_stack import ControlStack, FakeLearner
+from tests.control_stack import ControlStack, LearnerStateDriver
 
 pytestmark = pytest.mark.integration
 PROBLEM = "application/problem+json"
@@ -189,7 +189,7 @@ def test_unregistered_teacher_is_422_naming_it(stack: ControlStack) -> None:
 
 def test_get_run_shows_spec_state_lambda_and_latest_metrics(stack: ControlStack) -> None:
     run_id = _run(stack, {**SPEC, "name": "shown"})
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     lambdas = learner.begin_step(1)
     assert lambdas == {"acc": 0.5}
@@ -205,7 +205,7 @@ def test_get_run_shows_spec_state_lambda_and_latest_metrics(stack: ControlStack)
 
 def test_metrics_series_pages_with_since_and_limit(stack: ControlStack) -> None:
     run_id = _run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     for step in range(1, 6):
         learner.write_metrics(step, kl=1.0 / step, rewards={"acc": step / 10}, lambdas={"acc": 0.5})
     stack.redis.xadd(rs.run_metrics_key(run_id), {"step": "6", "dense_kl": "nan"})
@@ -225,8 +225,8 @@ def test_metrics_series_pages_with_since_and_limit(stack: ControlStack) -> None:
 
 def test_list_runs_filters_by_status_and_pages(stack: ControlStack) -> None:
     made = [_run(stack) for _ in range(5)]
-    FakeLearner(stack.redis, made[1]).command(rs.Command.START)
-    FakeLearner(stack.redis, made[3]).command(rs.Command.START)
+    LearnerStateDriver(stack.redis, made[1]).command(rs.Command.START)
+    LearnerStateDriver(stack.redis, made[3]).command(rs.Command.START)
     seen, cursor = [], None
     while True:
         params: dict[str, str | int] = {"status": "running", "limit": 1}
@@ -254,7 +254,7 @@ def _command(stack: ControlStack, run_id: str, command: str) -> httpx.Response:
 def test_stop_resume_ten_times_ends_in_the_last_command(stack: ControlStack, started: bool) -> None:
     run_id = _run(stack)
     if started:
-        FakeLearner(stack.redis, run_id).command(rs.Command.START)
+        LearnerStateDriver(stack.redis, run_id).command(rs.Command.START)
     commands = ["stop", "resume"] * 5
     for last in ("stop", "resume"):
         for command in [*commands, last]:
@@ -279,7 +279,7 @@ def test_concurrent_commands_are_serialized(stack: ControlStack) -> None:
 
 def test_learner_honours_stop_and_finished_runs_refuse_commands(stack: ControlStack) -> None:
     run_id = _run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     assert _command(stack, run_id, "stop").json()["desired"] == "stop"
     learner.command(rs.Command.HALT)
@@ -301,7 +301,7 @@ def _put_schedule(stack: ControlStack, run_id: str, schedules: Any) -> httpx.Res
 
 def test_schedule_change_takes_effect_at_the_next_step_and_is_recorded(stack: ControlStack) -> None:
     run_id = _run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     for step in (1, 2, 3):
         assert learner.begin_step(step) == {"acc": 0.5}
@@ -346,7 +346,7 @@ def test_schedule_for_unknown_reward_or_finished_run_is_refused(stack: ControlSt
     run_id = _run(stack)
     body = assert_problem(_put_schedule(stack, run_id, {"speed": {"kind": "constant", "value": 1}}), 422)
     assert body["errors"][0]["field"] == "schedules.speed"
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     learner.command(rs.Command.FINISH)
     assert_problem(_put_schedule(stack, run_id, {"acc": {"kind": "constant", "value": 1}}), 409)
@@ -377,7 +377,7 @@ def test_verifiers_are_checked_then_listed(stack: ControlStack) -> None:
 
 def test_metrics_endpoint_reads_queue_state_with_bounded_labels(stack: ControlStack) -> None:
     run_id = _run(stack)
-    learner = FakeLearner(stack.redis, run_id)
+    learner = LearnerStateDriver(stack.redis, run_id)
     learner.command(rs.Command.START)
     learner.write_metrics(1, kl=0.5, rewards={"acc": 1.0}, lambdas={"acc": 0.5})
     stream = keys.rollout_stream(run_id)
@@ -404,7 +404,7 @@ def test_metrics_endpoint_reads_queue_state_with_bounded_labels(stack: ControlSt
     label_names = {name for (_, labels) in samples for name, _ in labels}
     assert label_names == {"run_id", "status"}  # never per rollout
     finished = _run(stack)
-    FakeLearner(stack.redis, finished).command(rs.Command.STOP)
+    LearnerStateDriver(stack.redis, finished).command(rs.Command.STOP)
     assert finished not in stack.http.get("/metrics").text  # only active runs carry a label
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from contracts import runstate as rs
 from services.teacher.tiny_model import TinySpec, build_tiny_model
-from tests.control_stack import ControlStack, FakeLearner
+from tests.control_stack import ControlStack, LearnerStateDriver
 from tests.procs import ServiceProcess, free_port, wait_serving
 from tests.test_control_api import SPEC, assert_problem
 
@@ -109,13 +109,13 @@ def test_run_teachers_must_share_a_tokenizer(stack: ControlStack, teachers: dict
 def test_active_run_pins_its_teacher(stack: ControlStack, teachers: dict[str, Teacher]) -> None:
     assert _register(stack, "pinned", teachers["a"].address).status_code == 201
     run_id = stack.http.post("/v1/runs", json=_spec("pinned"), headers=stack.auth).json()["id"]
-    FakeLearner(stack.redis, run_id).command(rs.Command.START)
+    LearnerStateDriver(stack.redis, run_id).command(rs.Command.START)
     # The same name now pointing at a teacher with another tokenizer: refused while the run is active.
     moved = assert_problem(_register(stack, "pinned", teachers["b"].address), 422)
     assert run_id in moved["detail"]
     assert_problem(stack.http.delete("/v1/teachers/pinned", headers=stack.auth), 409)
     assert stack.http.post(f"/v1/runs/{run_id}/stop", headers=stack.auth).status_code == 200
-    FakeLearner(stack.redis, run_id).command(rs.Command.HALT)
+    LearnerStateDriver(stack.redis, run_id).command(rs.Command.HALT)
     assert stack.http.delete("/v1/teachers/pinned", headers=stack.auth).status_code == 204
     assert_problem(stack.http.get("/v1/teachers/pinned"), 404)
     assert_problem(stack.http.delete("/v1/teachers/pinned", headers=stack.auth), 404)

@@ -101,6 +101,11 @@ def test_worker_and_learner_train_a_run_to_success(stack: dict) -> None:  # type
     assert [int(float(f[b"step"])) for _, f in metrics] == [1, 2, 3, 4]
     for _, f in metrics:
         assert float(f[b"dense_kl"]) > 0 and float(f[b"lambda/exact_match"]) > 0
+        # the waiting-for-data share, per step and for the run so far (learner.train.DataWait)
+        assert float(f[b"data_wait_s"]) >= 0
+        assert 0 <= float(f[b"wait_fraction"]) <= 1 and 0 <= float(f[b"wait_fraction_total"]) <= 1
+    # the first step waits for the worker's first groups (sampling and scoring): it cannot be free
+    assert float(metrics[0][1][b"data_wait_s"]) > 0
     ckpt = load_latest(run_dir / "checkpoints")
     assert ckpt is not None and ckpt.step == 4
     assert int(client.get(keys.policy_version(RUN_ID))) == 4

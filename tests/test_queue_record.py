@@ -44,6 +44,12 @@ def _nan_teacher(rec: rollout_pb2.Rollout) -> None:
     rec.teachers[0].top_logprobs = arr.tobytes()
 
 
+def _repeat_top_id(rec: rollout_pb2.Rollout) -> None:
+    ids = np.frombuffer(rec.student_top_ids, "<i4").copy().reshape(-1, rec.student_top_k)
+    ids[0, 1] = ids[0, 0]
+    rec.student_top_ids = ids.tobytes()
+
+
 @pytest.mark.parametrize(
     ("mutate", "field", "reason"),
     [
@@ -54,6 +60,7 @@ def _nan_teacher(rec: rollout_pb2.Rollout) -> None:
         (lambda r: setattr(r, "student_top_ids", r.student_top_ids[:-4]), "student_top_ids", "decode"),
         (lambda r: setattr(r, "token_ids", np.full(10, -1, "<i4").tobytes()), "token_ids", "decode"),
         (_nan_teacher, "teachers[0].top_logprobs", "nonfinite"),
+        (_repeat_top_id, "student_top_ids", "decode"),
         (lambda r: setattr(r.teachers[0], "num_candidates", 3), "teachers[0].num_candidates", "decode"),
         (lambda r: setattr(r.rewards[0], "value", float("inf")), "rewards[0].value", "nonfinite"),
         (lambda r: setattr(r.rewards[0], "status", 0), "rewards[0].status", "decode"),

@@ -26,6 +26,8 @@ from services.reward.sandbox import JAIL, Sandbox, SandboxConfig, SandboxLimits,
 from services.reward.verifiers.code import CodeVerifier
 from services.reward.verifiers.registry import get_builtin
 
+pytestmark = pytest.mark.integration  # every test here starts real confined processes
+
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_bytes=256 * 1024 * 1024, processes=8)
 
 
@@ -279,7 +281,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.integration
 def test_unprivileged_service_gets_the_same_confinement(listener: int) -> None:
     # The same sandbox started by a non-root user goes through a user namespace instead of a
     # slot uid; here root drops to 'nobody' to exercise that path for real.

@@ -266,3 +266,13 @@ def test_inline_verifiers_stay_linear_on_adversarial_responses(response: str) ->
     # the whole service (this test would then hit the per-test timeout).
     assert b.exact_match("", response, {"answer": "x"}).values["exact_match"] in (0.0, 1.0)
     assert b.length_penalty("", response, {}).values["length_penalty"] <= 0.0
+
+
+def test_math_settles_plain_numbers_without_the_pool() -> None:
+    dummy = WorkerPool(1)  # never started: a call into it would wait forever
+    v = build_builtin("math", "math", {}, 5.0, Runtime(dummy, None))
+    item = Item("p", "so \\boxed{\\frac{2}{4}}", {"answer": "0.5"}, ("math",))
+    assert asyncio.run(asyncio.wait_for(v.verify(item), 5.0)).values == {"math": 1.0}
+    symbolic = Item("p", "\\boxed{x^2+2x+1}", {"answer": "(x+1)^2"}, ("math",))
+    with pytest.raises(TimeoutError):  # symbolic answers do go to the (idle, unstarted) pool
+        asyncio.run(asyncio.wait_for(v.verify(symbolic), 0.5))

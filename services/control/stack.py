@@ -10,10 +10,10 @@ imports torch: the model work happens in the children.
 from __future__ import annotations
 
 import logging
-import socket
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,9 +74,12 @@ class LocalStack:
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
         with open(path, "ab") as out:
+            # Own session: a Ctrl-C in the terminal reaches only `distill up`, which then stops the
+            # children in order. DISTILL_STACK_DIR marks them as this stack's processes.
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {}), "DISTILL_STACK_DIR": str(self.cfg.work_dir.resolve())},
             )  # fmt: skip
         child = _Child(name, proc, path)
         self.children.append(child)

@@ -57,9 +57,10 @@ class RewardEngine:
         for i, item in enumerate(items):
             for j, name in enumerate(item.verifiers):
                 verifier = self.verifiers.by_name[name]
-                if isinstance(verifier, FunctionVerifier) and verifier.inline:
-                    # Microseconds of trusted, linear work: a task per item would cost more than it.
-                    slots[i][j] = _score_inline(verifier, item)
+                # Microseconds of trusted, linear work settle many items: a task each would cost more.
+                now = _score_now(verifier, item) if isinstance(verifier, FunctionVerifier) else None
+                if now is not None:
+                    slots[i][j] = now
                 else:
                     pending.append((i, j, self._one(verifier, item, deadline)))
         done = await asyncio.gather(*(job for _, _, job in pending))
@@ -81,12 +82,12 @@ class RewardEngine:
         return _rewards(verifier, result)
 
 
-def _score_inline(verifier: FunctionVerifier, item: Item) -> list[Reward]:
+def _score_now(verifier: FunctionVerifier, item: Item) -> list[Reward] | None:
     try:
-        result: Outcome | RewardError = verifier.score_inline(item)
+        result: Outcome | RewardError | None = verifier.score_now(item)
     except RewardError as err:
         result = err
-    return _rewards(verifier, result)
+    return None if result is None else _rewards(verifier, result)
 
 
 def _rewards(verifier: Verifier, result: Outcome | RewardError) -> list[Reward]:

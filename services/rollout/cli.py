@@ -3,6 +3,7 @@
 With ``--run-id`` it works on that run until the run ends; without, it serves: it works on
 whichever run is queued or running, then looks for the next. Needs ``REDIS_URL`` (the run's
 Redis) and, when a run has rewards, ``--reward-address``.
+``--sampler vllm`` samples with vLLM on the GPU (the ``gpu`` extra) instead of transformers.
 Teacher addresses come from the control plane's registry in Redis. SIGTERM finishes the
 prompt group in progress (its lease is released by expiry if it cannot) and exits.
 """
@@ -23,6 +24,8 @@ import torch
 
 from contracts import runstate as rs
 from contracts.redis_server import make_async_client
+from services.rollout.sampler import SAMPLERS
+from services.rollout.vllm_sampling import VllmSamplerConfig
 from services.rollout.worker import RolloutWorker, WorkerConfig
 
 log = logging.getLogger("rollout")
@@ -37,6 +40,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: from the worker id)")
     p.add_argument("--poll-s", type=float, default=1.0, help="how often to look for runs to serve")
+    p.add_argument("--lease-ttl-s", type=float, default=120.0, help="a prompt held longer is re-leased")
+    p.add_argument("--teacher-deadline-s", type=float, default=60.0, help="deadline of each Score call")
+    p.add_argument(
+        "--sampler", choices=SAMPLERS, default="hf",
+        help="hf: transformers generate on --device; vllm: vLLM on the GPU (needs the gpu extra)",
+    )  # fmt: skip
+    v = p.add_argument_group("vllm sampler (--sampler vllm)")
+    v.add_argument("--vllm-dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16")
+    v.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5, help="share of the GPU")
+    v.add_argument("--vllm-enforce-eager", action="store_true", help="no CUDA graphs")
+    v.add_argument("--vllm-max-logprobs", type=int, default=64, help="largest top-K the run may ask for")
     return p.parse_args(argv)
 
 
@@ -77,7 +91,12 @@ def _config(a: argparse.Namespace, run_id: str) -> WorkerConfig:
     return WorkerConfig(
         run_id=run_id, worker_id=a.worker_id, reward_address=a.reward_address,
         teacher_token=os.environ.get("TEACHER_TOKEN"), reward_token=os.environ.get("REWARD_TOKEN"),
-        device=a.device, seed=seed,
+        device=a.device, seed=seed, lease_ttl_s=a.lease_ttl_s, teacher_deadline_s=a.teacher_deadline_s,
+        sampler=a.sampler,
+        vllm=VllmSamplerConfig(
+            dtype=a.vllm_dtype, enforce_eager=a.vllm_enforce_eager, seed=seed,
+            gpu_memory_utilization=a.vllm_gpu_memory_utilization, max_logprobs=a.vllm_max_logprobs,
+        ),
     )  # fmt: skip
 
 

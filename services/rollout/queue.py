@@ -56,7 +56,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS: leases, cursor, version, producer counters
 # ARGV: ttl_ms, max_staleness, groups_per_step, total_prompts (-1: unlimited), how many (>= 1),
-#       fence key prefix
+#       fence key prefix (the per-prompt fence keys are built in the script, which a single Redis
+#       allows; a cluster would need them declared in KEYS)
 # -> {1, prompt, attempt, prompt, attempt, ...} | {0, capacity} (wait) | {-1, running} (no prompts left)
 LEASE_LUA = (
     _NOW_MS

@@ -4,7 +4,7 @@ One loop per process (``python -m services.rollout --run-id ID``)::
 
     lease a prompt (waits while the learner lags: backpressure)
     → reload the student if the learner published newer weights
-    → sample K responses (services.rollout.sampling), with the student's top-K ids
+    → sample K responses (a services.rollout.sampler: hf or vllm), with the student's top-K ids
     → ask every teacher of the run concurrently, then the reward service
     → publish the K records as one group (all or nothing, idempotent)
 
@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import redis.asyncio
-import safetensors.torch
-import torch
 from grpc import aio
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from contracts import keys, runstate
 from contracts.rollout_record import Reward as RecordReward
@@ -38,7 +36,9 @@ from services.reward.client import RewardClient
 from services.reward.domain import Item, Status
 from services.rollout.dataset import Prompt, load_dataset
 from services.rollout.queue import LeaseLost, ProducerConfig, PromptLease, RolloutProducer
-from services.rollout.sampling import Sample, SamplingConfig, sample
+from services.rollout.sampler import Sampler, make_sampler
+from services.rollout.sampling import Sample, SamplingConfig
+from services.rollout.vllm_sampling import VllmSamplerConfig
 from services.teacher.client import TeacherClient, make_item, score_all
 from services.teacher.domain import ItemScores, TeacherError
 from services.teacher.fingerprint import fingerprint
@@ -60,16 +60,19 @@ class WorkerConfig:
     reward_address: str | None = None  # the reward service (needed when the run has rewards)
     teacher_token: str | None = None  # bearer token for the teacher services
     reward_token: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # torch device of the hf sampler
+    sampler: str = "hf"  # "hf" (transformers generate) or "vllm" (GPU); see services.rollout.sampler
+    vllm: VllmSamplerConfig = field(default_factory=VllmSamplerConfig)  # used when sampler == "vllm"
     teacher_deadline_s: float = 60.0  # per Score call
     reward_timeout_s: float = 30.0  # per verified item
     retry_backoff_s: float = 1.0  # wait between tries of a group whose teachers or rewards failed
+    lease_ttl_s: float = 120.0  # a prompt not published or renewed within this goes to another worker
     seed: int = 0
 
 
 @dataclass
 class _Student:
-    model: PreTrainedModel
+    sampler: Sampler
     tokenizer: PreTrainedTokenizerBase
     version: int = -1  # policy version of the loaded weights (-1: the initial checkpoint)
 
@@ -112,9 +115,10 @@ class RolloutWorker:
         spec = RunSpec.model_validate_json(raw)
         run = _Run(spec, load_dataset(Path(spec.dataset)))
         tokenizer = AutoTokenizer.from_pretrained(spec.student)
-        model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=torch.float32)
-        model = model.to(self.cfg.device)  # type: ignore[arg-type]
-        student = _Student(model.eval(), tokenizer)
+        sampler = await asyncio.to_thread(
+            make_sampler, self.cfg.sampler, spec.student, self.cfg.device, self.cfg.vllm
+        )
+        student = _Student(sampler, tokenizer)
         expected = fingerprint(tokenizer)
         for ref in spec.teachers:
             run.teachers[ref.name] = await self._teacher(ref.name, expected)
@@ -142,10 +146,7 @@ class RolloutWorker:
         path = await self.client.hget(keys.policy_weights(self.cfg.run_id), "path")
         if path is None:
             return
-        state = await asyncio.to_thread(
-            safetensors.torch.load_file, path.decode() if isinstance(path, bytes) else path
-        )
-        student.model.load_state_dict(state)
+        await asyncio.to_thread(student.sampler.load_weights, _text(path))
         student.version = int(version)
         log.info("loaded policy version %d", student.version)
 
@@ -189,9 +190,9 @@ class RolloutWorker:
         prompt_ids = student.tokenizer.encode(prompt.text)
         seed = int(self.rng.integers(2**31))
         samples = await asyncio.to_thread(
-            sample, student.model, [prompt_ids], self._sampling(spec, student), seed
+            student.sampler.sample, [prompt_ids], self._sampling(spec, student), seed
         )
-        vocab = int(student.model.get_output_embeddings().weight.shape[0])
+        vocab = student.sampler.vocab_size
         texts = [str(student.tokenizer.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
         scores, rewards = await asyncio.gather(
             self._scores(run, samples, vocab), self._rewards(run, prompt, texts)
@@ -257,7 +258,7 @@ class RolloutWorker:
             ProducerConfig(
                 run_id=self.cfg.run_id, group_size=spec.sampling.responses_per_prompt,
                 groups_per_step=spec.sampling.prompts_per_step, max_staleness=spec.max_staleness,
-                dataset_size=len(run.prompts),
+                dataset_size=len(run.prompts), lease_ttl_s=self.cfg.lease_ttl_s,
             ),
         )  # fmt: skip
         published = 0

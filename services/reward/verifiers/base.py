@@ -41,7 +41,8 @@ class FunctionVerifier(Verifier):
 
     Inline is only for functions that are linear in their input and never call user code.
     ``produced`` names what the function returns when it differs from the served reward names
-    (a built-in served under another name reports its reward under that name).
+    (a built-in served under another name reports its reward under that name). ``quick`` is an
+    inline pre-check (``module:function`` returning an Outcome, or None to use the pool).
     """
 
     def __init__(
@@ -52,25 +53,31 @@ class FunctionVerifier(Verifier):
         options: dict[str, Any],
         pool: WorkerPool | None,
         produced: tuple[str, ...] | None = None,
+        quick: str | None = None,
     ) -> None:
         super().__init__(info, timeout_s)
         self.target, self.options, self.pool = target, options, pool
         self.produced = produced or info.reward_names
         self._inline = load_callable(target) if pool is None else None
+        # An inline pre-check that settles easy items (returns None to defer to the pool).
+        self._quick = load_callable(quick) if quick is not None else None
 
-    @property
-    def inline(self) -> bool:
-        return self._inline is not None
-
-    def score_inline(self, item: Item) -> Outcome:
-        """Score on the caller's thread: only for inline (linear-time, trusted) functions."""
-        assert self._inline is not None, f"{self.name} runs in the worker pool"
-        result = self._inline(item.prompt, item.response, item.reference, **self.options)
-        return self._rename(as_outcome(result, self.produced))
+    def score_now(self, item: Item) -> Outcome | None:
+        """The outcome when it is cheap to get on the caller's thread (inline function, or the
+        quick pre-check settles it); None when the item needs the worker pool."""
+        if self._inline is not None:
+            result = self._inline(item.prompt, item.response, item.reference, **self.options)
+            return self._rename(as_outcome(result, self.produced))
+        if self._quick is not None:
+            early = self._quick(item.prompt, item.response, item.reference, **self.options)
+            if early is not None:
+                return self._rename(as_outcome(early, self.produced))
+        return None
 
     async def verify(self, item: Item) -> Outcome:
-        if self._inline is not None:
-            return self.score_inline(item)
+        now = self.score_now(item)
+        if now is not None:
+            return now
         assert self.pool is not None
         outcome = await self.pool.call(
             self.target, self.options, self.produced, item.prompt, item.response, item.reference

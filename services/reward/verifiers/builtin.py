@@ -89,10 +89,13 @@ _PLAIN_NUMBER = re.compile(
     r"(?P<sign>-?)\s*(?:(?P<dec>\d+(?:\.\d+)?)|\\[dt]?frac\{(?P<fn>\d+)\}\{(?P<fd>\d+)\}|(?P<sn>\d+)\s*/\s*(?P<sd>\d+))"
 )
 _WRAPPERS = str.maketrans("", "", "$")
+MAX_PLAIN_CHARS = 64
 
 
 def plain_number(text: str) -> Fraction | None:
     """Exact value of a plain integer, decimal or fraction (``\\frac{a}{b}``, ``a/b``); else None."""
+    if len(text) > MAX_PLAIN_CHARS:
+        return None  # huge literals go to math-verify, in a worker, under a deadline
     m = _PLAIN_NUMBER.fullmatch(text.translate(_WRAPPERS).strip().rstrip("."))
     if m is None:
         return None
@@ -122,6 +125,23 @@ def _plain_verdict(gold: str, answer: str) -> bool | None:
     return None
 
 
+def math_quick(
+    prompt: str, response: str, reference: Mapping[str, str], *, field: str = "answer"
+) -> Outcome | None:
+    """The ``math`` verdict when it needs no LaTeX parsing (no final answer, or plain numbers), else None.
+
+    Linear in the response and bounded in number size, so it runs on the event loop and most
+    graded answers never pay a worker round trip.
+    """
+    answer = final_answer(response, "auto")
+    if answer is None:
+        return Outcome({"math": 0.0}, "no final answer (\\boxed{} or 'answer:') found")
+    quick = _plain_verdict(reference[field], answer)
+    if quick is None:
+        return None
+    return Outcome({"math": float(quick)}, "equivalent" if quick else "not equivalent")
+
+
 def math_equiv(prompt: str, response: str, reference: Mapping[str, str], *, field: str = "answer") -> Outcome:
     """1.0 when the final answer is mathematically equal to ``reference[field]`` (math-verify).
 
@@ -130,12 +150,11 @@ def math_equiv(prompt: str, response: str, reference: Mapping[str, str], *, fiel
     """
     from math_verify import parse, verify
 
-    answer = final_answer(response, "auto")
-    if answer is None:
-        return Outcome({"math": 0.0}, "no final answer (\\boxed{} or 'answer:') found")
-    quick = _plain_verdict(reference[field], answer)
+    quick = math_quick(prompt, response, reference, field=field)
     if quick is not None:
-        return Outcome({"math": float(quick)}, "equivalent" if quick else "not equivalent")
+        return quick
+    answer = final_answer(response, "auto")
+    assert answer is not None  # math_quick answered when there is none
     gold = _parse_gold(reference[field])
     if not gold:
         raise VerifierFailure(f"reference field '{field}' is not a parsable math answer")

@@ -28,6 +28,7 @@ class Builtin:
     field_options: tuple[str, ...]  # options whose value names a required reference field
     inline: bool  # linear-time and never runs user input as code/regex: no worker round trip
     description: str
+    quick: str | None = None  # module:function answering inline when it can (None: go to the pool)
 
 
 @dataclass
@@ -77,6 +78,7 @@ register_builtin(
         ("field",),
         False,
         "final answer (\\boxed{} or 'answer:') equals reference 'answer' (math-verify)",
+        quick=_B + "math_quick",
     ),
 )
 register_builtin(
@@ -147,7 +149,7 @@ def build_builtin(
     # Served under another name, a built-in's single reward takes that name: reward names stay unique.
     info = VerifierInfo(name, builtin, (name,), fields, spec.description, merged, timeout_s)
     pool = None if spec.inline else rt.pool
-    return FunctionVerifier(info, timeout_s, spec.target, merged, pool, spec.reward_names)
+    return FunctionVerifier(info, timeout_s, spec.target, merged, pool, spec.reward_names, spec.quick)
 
 
 class VerifierSet:
