@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -65,6 +66,11 @@ Batches = list[list[DecodedRollout]]  # per step, the rollouts in training order
 # -- data ----------------------------------------------------------------------------------------
 
 
+def distinct_ids(rng: np.random.Generator, p: int, k: int, vocab: int) -> np.ndarray:
+    """(p, k) ids, distinct at each position (the decoder refuses a repeated support id)."""
+    return (np.argpartition(rng.random((p, vocab - 4)), k, axis=1)[:, :k] + 4).astype(np.int32)
+
+
 def make_group(run_id: str, lease: PromptLease, args: argparse.Namespace) -> list[rollout_pb2.Rollout]:
     """K records of one prompt; the content depends on the prompt id only, so runs see the same data."""
     rng = np.random.default_rng(lease.prompt_id)
@@ -75,7 +81,7 @@ def make_group(run_id: str, lease: PromptLease, args: argparse.Namespace) -> lis
         teacher = TeacherArrays(
             teacher="t0",
             token_logprobs=-4 * rng.random(p, dtype=np.float32),
-            top_ids=rng.integers(4, v, (p, top), dtype=np.int32),
+            top_ids=distinct_ids(rng, p, top, v),
             top_logprobs=-4 * rng.random((p, top), dtype=np.float32),
             candidate_logprobs=-4 * rng.random((p, top), dtype=np.float32),
         )
@@ -84,7 +90,7 @@ def make_group(run_id: str, lease: PromptLease, args: argparse.Namespace) -> lis
             dataset_index=lease.dataset_index, policy_version=0,
             token_ids=rng.integers(4, v, args.prompt + p, dtype=np.int32), response_start=args.prompt,
             sampled_logprobs=-4 * rng.random(p, dtype=np.float32),
-            student_top_ids=rng.integers(4, v, (p, top), dtype=np.int32), teachers=[teacher],
+            student_top_ids=distinct_ids(rng, p, top, v), teachers=[teacher],
             rewards=[Reward("exact_match", float(rng.integers(0, 2)), reward_pb2.REWARD_STATUS_OK)],
         ))  # fmt: skip
     return out
@@ -215,15 +221,19 @@ def run_pipeline(
     spec = make_spec(args, student, interval)
     create_run(client, run_id, spec)
     groups = asyncio.run(produce(url, spec, run_id, args))
+    batches = decoded_batches(groups, spec.sampling.prompts_per_step)  # fails fast on a bad record
     cfg = LearnerConfig(run_id=run_id, run_dir=tmp / run_id, consumer="learner", device=args.device)
     learner = Learner(cfg, client, spec)
+    if args.read_count:
+        assert learner.consumer is not None
+        learner.consumer.config = dataclasses.replace(learner.consumer.config, read_count=args.read_count)
     probe = Probe(learner)
     status = learner.run()
     if status is not rs.RunStatus.SUCCEEDED:
         raise RuntimeError(f"run {run_id} ended {status}")
     entries: Any = client.xrange(rs.run_metrics_key(run_id))
     metrics = [{k.decode(): float(v) for k, v in f.items()} for _, f in entries]
-    return probe, decoded_batches(groups, spec.sampling.prompts_per_step), metrics
+    return probe, batches, metrics
 
 
 # -- bare loop -----------------------------------------------------------------------------------
@@ -331,12 +341,20 @@ def parse() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=16, help="student top-k (support) and teacher top-k")
     p.add_argument("--small-interval", type=int, default=1, help="the small checkpoint interval")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steady on a shared box)"
+    )
+    p.add_argument(
+        "--read-count", type=int, default=0,
+        help="entries per XREADGROUP (0: the consumer's default; K x prompts-per-step: no read-ahead)",
+    )  # fmt: skip
     return p.parse_args()
 
 
 def main() -> None:
     args = parse()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     intervals = {"large": 10**6, "small": args.small_interval}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

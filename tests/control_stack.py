@@ -7,10 +7,12 @@ Each test module starts its own stack (``ControlStack``) on free ports; never th
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from contracts import runstate as rs
@@ -19,6 +21,20 @@ from learner import run_state
 from tests.procs import ServiceProcess, free_port
 
 TOKEN = "test-token-0123456789abcdef"
+
+
+def stack_fixture() -> Any:
+    """A module-scoped ``stack`` fixture: ``stack = stack_fixture()`` in a test module."""
+
+    @pytest.fixture(scope="module")
+    def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlStack]:
+        s = ControlStack(tmp_path_factory.mktemp("control"))
+        try:
+            yield s
+        finally:
+            s.close()
+
+    return stack
 
 
 class ControlStack:

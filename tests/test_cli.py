@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +23,14 @@ from typer.testing import CliRunner, Result
 
 from contracts import runstate as rs
 from services.control.cli import app
-from tests.control_stack import TOKEN, ControlStack, LearnerStateDriver, run_ids
+from tests.control_stack import TOKEN, ControlStack, LearnerStateDriver, run_ids, stack_fixture
 from tests.procs import free_port
 from tests.test_control_api import SPEC
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlStack]:
-    s = ControlStack(tmp_path_factory.mktemp("control"))
-    try:
-        yield s
-    finally:
-        s.close()
+stack = stack_fixture()
 
 
 def distill(stack: ControlStack, *args: str) -> Result:

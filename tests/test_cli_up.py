@@ -83,6 +83,6 @@ def test_distill_up_then_teachers_add_run_and_plot(tmp_path: Path) -> None:
         assert plot.returncode == 0 and (tmp_path / "run.png").stat().st_size > 10_000
     finally:
         up.send_signal(signal.SIGINT)  # Ctrl-C
-        up.wait(90)
+        up.communicate(timeout=90)  # drains and closes its stdout
     assert up.returncode == 0
     assert not _children(work), "every child of `distill up` stopped"

@@ -8,7 +8,6 @@ against a real teacher is in ``test_control_teachers.py``; schemathesis in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from contracts import runstate as rs
 from services.control.app import create_app
 from services.control.routes import MUTATING, route_table
 from services.control.settings import ControlSettings
-from tests.control_stack import ControlStack, LearnerStateDriver
+from tests.control_stack import ControlStack, LearnerStateDriver, stack_fixture
 
 pytestmark = pytest.mark.integration
 PROBLEM = "application/problem+json"
@@ -34,13 +33,7 @@ SPEC: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlStack]:
-    s = ControlStack(tmp_path_factory.mktemp("control"))
-    try:
-        yield s
-    finally:
-        s.close()
+stack = stack_fixture()
 
 
 def _create(

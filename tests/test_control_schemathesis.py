@@ -14,24 +14,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.control_stack import TOKEN, ControlStack
+from tests.control_stack import TOKEN, ControlStack, stack_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlStack]:
-    s = ControlStack(tmp_path_factory.mktemp("control"))
-    try:
-        yield s
-    finally:
-        s.close()
+stack = stack_fixture()
 
 
 @pytest.mark.timeout(240)

@@ -16,7 +16,7 @@ import pytest
 
 from contracts import runstate as rs
 from services.teacher.tiny_model import TinySpec, build_tiny_model
-from tests.control_stack import ControlStack, LearnerStateDriver
+from tests.control_stack import ControlStack, LearnerStateDriver, stack_fixture
 from tests.procs import ServiceProcess, free_port, wait_serving
 from tests.test_control_api import SPEC, assert_problem
 
@@ -53,13 +53,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Tea
             teacher.proc.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlStack]:
-    s = ControlStack(tmp_path_factory.mktemp("control"))
-    try:
-        yield s
-    finally:
-        s.close()
+stack = stack_fixture()
 
 
 def _register(stack: ControlStack, name: str, address: str) -> Any:

@@ -59,34 +59,6 @@ def build_tiny_model(out_dir: Path, spec: TinySpec | None = None) -> Path:
     return out_dir
 
 
-def train_counting(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0) -> float:
-    """Teach a tiny model to continue ``w_i w_i+1 w_i+2 ...`` (CPU, seconds); returns the final loss.
-
-    Gives demos and tests a teacher with a real, peaked distribution to distill from, where a
-    random model would be near-uniform.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    first = len(SPECIALS)
-    words = model.config.vocab_size - first
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        starts = torch.randint(0, words, (32, 1))
-        ids = first + (starts + torch.arange(12)) % words  # (32, 12) counting sequences, wrapping
-        ids = torch.cat([torch.full((32, 1), tokenizer.bos_token_id), ids], 1)
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(model_dir)
-    return float(loss)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir", type=Path)
