@@ -22,6 +22,12 @@ The first ``--warmup`` steps of every run are left out; configurations are inter
 order and the median step of each run is kept; the table gives the median (and best) over repeats.
 Goal (issue 6): pipeline step time at most 1.10 x bare when rollouts are waiting.
 
+``--read-count`` sets the consumer's entries per XREADGROUP. With its default (64) the consumer reads
+several steps ahead; once the stream holds nothing unread, every further step spends the consumer's
+XREADGROUP BLOCK (``block_ms``) waiting although whole groups are already buffered, which shows up in
+the ``read`` column. ``--read-count`` = K x prompts-per-step reads one step at a time and isolates
+the rest of the pipeline's overhead.
+
     .venv/bin/python -m benchmarks.bench_learner                  # ~1 min on 2 CPU cores
     .venv/bin/python -m benchmarks.bench_learner --repeats 5 --steps 12 --vocab 4096
     .venv/bin/python -m benchmarks.bench_learner --device cuda    # where a GPU is present

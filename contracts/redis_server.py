@@ -83,7 +83,7 @@ class EmbeddedRedis:
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync: {appendfsync!r} is not one of always, everysec, no")
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir: relative paths break
         self.port = port
         self.appendonly = appendonly
         self.appendfsync = appendfsync

@@ -109,3 +109,13 @@ def test_queue_scripts_run_on_the_bundled_redis_6_2(tmp_path: Path) -> None:
         consumer.ack_applied()
         assert consumer.trim() is not None
         client.close()
+
+
+def test_a_relative_data_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    server = EmbeddedRedis(Path("data") / "redis").start()
+    try:
+        assert make_client(server.url).ping()
+        assert (tmp_path / "data" / "redis" / "redis.log").exists()
+    finally:
+        server.stop()
