@@ -70,6 +70,9 @@ METRIC_FIELDS = (
     "queue_len",
     "policy_lag",
     "dead_letters",
+    "data_wait_s",  # seconds the learner waited for rollouts since its previous step
+    "wait_fraction",  # that wait over the step's wall time
+    "wait_fraction_total",  # the same since this learner process started
     "teacher_latency_s",  # mean teacher Score latency over the step's rollouts
     "reward_timeouts",  # cumulative verifier timeouts of the run
 )

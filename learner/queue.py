@@ -201,9 +201,12 @@ class RolloutConsumer:
         while True:
             if time.monotonic() - self._last_refresh > self.config.claim_idle_ms / 3000:
                 self.refresh_claims()  # entries waiting for the next checkpoint stay ours
-            for entry_id, fields in self._read():
-                self._accept(entry_id, fields, policy_version)
             ready = self._ready_groups(num_groups)
+            if len(ready) < num_groups or self._backlog is not None:
+                # Read (and block) only when the groups read ahead do not fill the batch.
+                for entry_id, fields in self._read():
+                    self._accept(entry_id, fields, policy_version)
+                ready = self._ready_groups(num_groups)
             if len(ready) >= num_groups or (time.monotonic() >= deadline and self._backlog is None):
                 for g in ready:
                     del self._groups[g.key]
@@ -211,7 +214,19 @@ class RolloutConsumer:
                         logger.warning("group %s incomplete after %.0f s, training on it", g.key,
                                        time.monotonic() - g.updated)  # fmt: skip
                         self._count("partial_groups")
-                return Batch(ready)
+                return Batch(self._drop_stale(ready, policy_version))
+
+    def _drop_stale(self, groups: list[Group], version: int) -> list[Group]:
+        """Groups read ahead may have aged past the staleness bound while they waited: those are
+        dead-lettered too, so nothing older than ``max_staleness`` versions is trained on."""
+        fresh = []
+        for g in groups:
+            oldest = min((m.rollout.policy_version for m in g.members), default=version)
+            if version - oldest > self.config.max_staleness:
+                self.reject_group(g, "stale", f"policy version {oldest}, learner at {version}")
+            else:
+                fresh.append(g)
+        return fresh
 
     def _ready_groups(self, limit: int) -> list[Group]:
         now = time.monotonic()

@@ -132,6 +132,7 @@ class Learner:
         self.consumer = self._consumer() if self.rank == 0 else None
         self._exit_requested = False
         self._carry: list[Group] = []  # whole groups read but not yet trained on
+        self._last_teacher = (0.0, 0.0)  # producer counters (teacher calls, latency sum) at the last step
         self.data_wait = DataWait()
 
     def request_exit(self) -> None:
@@ -291,10 +292,19 @@ class Learner:
         lag = next((g.get("lag") for g in groups if _text(g["name"]) == self.consumer.group), 0)
         versions = [m.rollout.policy_version for m in batch.rollouts]
         counters = self.consumer.counters()
+        producer = {
+            _text(k): float(v)
+            for k, v in self.client.hgetall(keys.producer_counters(self.cfg.run_id)).items()
+        }
+        calls = producer.get("teacher_calls", 0.0) - self._last_teacher[0]
+        latency = producer.get("teacher_latency_s_sum", 0.0) - self._last_teacher[1]
+        self._last_teacher = (producer.get("teacher_calls", 0.0), producer.get("teacher_latency_s_sum", 0.0))
         return {
             "queue_len": float(lag or 0),
             "policy_lag": float(self.version - sum(versions) / len(versions)) if versions else 0.0,
             "dead_letters": float(sum(n for name, n in counters.items() if name.startswith("dead:"))),
+            "teacher_latency_s": latency / calls if calls > 0 else 0.0,  # mean Score call since the last step
+            "reward_timeouts": producer.get("reward_timeouts", 0.0),  # cumulative over the run
         }
 
     def _boundary(self) -> tuple[rs.Desired, bool]:

@@ -170,7 +170,18 @@ class RolloutWorker:
             for s in samples
         ]
         top_k = run.spec.objective.top_k if run.spec.objective.support in ("teacher_top_k", "union") else 1
-        return await score_all(run.teachers, items, top_k=top_k, dtype="float32")
+        started = time.monotonic()
+        scores = await score_all(run.teachers, items, top_k=top_k, dtype="float32")
+        await self._count(teacher_latency_s_sum=time.monotonic() - started, teacher_calls=1)
+        return scores
+
+    async def _count(self, **values: float) -> None:
+        """Add to the run's producer counters (the learner turns them into per-step metrics)."""
+        key = keys.producer_counters(self.cfg.run_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name, value in values.items():
+                pipe.hincrbyfloat(key, name, value)
+            await pipe.execute()
 
     async def _rewards(self, run: _Run, prompt: Prompt, texts: list[str]) -> list[list[RecordReward]]:
         if run.rewards is None:
@@ -178,6 +189,9 @@ class RolloutWorker:
         verifiers = tuple(dict.fromkeys(r.verifier for r in run.spec.rewards))
         items = [Item(prompt.text, t, prompt.reference, verifiers) for t in texts]
         results = await run.rewards.verify(items, timeout_s=self.cfg.reward_timeout_s)
+        timeouts = sum(x.status == Status.TIMEOUT for item in results for x in item)
+        if timeouts:
+            await self._count(reward_timeouts=timeouts)
         wanted = {r.name for r in run.spec.rewards}
         return [
             [RecordReward(x.name, x.value if x.status == Status.OK else 0.0, _STATUS[x.status], x.detail)
