@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -55,7 +56,7 @@ class ScheduleError(ValueError):
     """A schedule spec, step or timeline change is invalid; the message names the field."""
 
 
-class Schedule(BaseModel):
+class Schedule(BaseModel, ABC):
     """Base of every schedule: frozen, unknown fields rejected, ``at(step)`` ≥ 0."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,8 +67,9 @@ class Schedule(BaseModel):
         """λ at ``step`` (steps counted from when this schedule took effect, ≥ 0)."""
         return self._value(_check_step(step, "step"))
 
+    @abstractmethod
     def _value(self, step: int) -> float:
-        raise NotImplementedError
+        """λ at ``step``, a valid step; each registered kind defines it."""
 
 
 _SCHEDULES: dict[str, type[Schedule]] = {}

@@ -329,12 +329,13 @@ def _blocks(inp: KernelInputs, block_v: int | None) -> dict[str, int]:
     return meta
 
 
-def _dummy(inp: KernelInputs) -> torch.Tensor:
+def _unused_pointer(inp: KernelInputs) -> torch.Tensor:
+    # Triton needs a tensor for every pointer argument, even one a constexpr flag switches off.
     return inp.logits.new_zeros(1, dtype=torch.int64)
 
 
 def _lse_args(inp: KernelInputs) -> tuple[torch.Tensor, int]:
-    """Teacher row logsumexp (M, N) and its teacher stride, or a dummy when log-probs are given."""
+    """Teacher row logsumexp (M, N) and its teacher stride, or an unused pointer when log-probs are given."""
     if inp.teacher_lse is None:
         return inp.logits.new_zeros(1, dtype=torch.float32), 0
     return inp.teacher_lse, inp.teacher_lse.stride(0)
@@ -345,7 +346,7 @@ def triton_forward(inp: KernelInputs, block_v: int | None = None) -> RowStats:
     z, lq = inp.logits, inp.teacher_logprobs
     n, v = z.shape
     out = [torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(4)]
-    tgt = inp.targets if inp.targets is not None else _dummy(inp)
+    tgt = inp.targets if inp.targets is not None else _unused_pointer(inp)
     meta = _blocks(inp, block_v)
     common = dict(FLOOR=LOGQ_FLOOR, HAS_TARGETS=inp.targets is not None, **meta)
     if inp.ids is None:
@@ -401,7 +402,7 @@ def triton_backward(
     """Write ∇_z into `out` ((N, V), last dim contiguous; may be the logits themselves)."""
     z, lq = inp.logits, inp.teacher_logprobs
     n, v = z.shape
-    tgt = inp.targets if inp.targets is not None else _dummy(inp)
+    tgt = inp.targets if inp.targets is not None else _unused_pointer(inp)
     meta = _blocks(inp, block_v)
     common = dict(FLOOR=LOGQ_FLOOR, HAS_TARGETS=inp.targets is not None, **meta)
     row_args = (stats.row_max, stats.log_sum, stats.kl, g_kl.float().contiguous(), g_lp.float().contiguous())
