@@ -21,10 +21,10 @@ from kernels.reference import LOGQ_FLOOR
 from kernels.validation import KernelInputs, RowStats
 
 # Elements per [chunk, V] fp32 temporary. One thread: 4 MiB stays in the last-level cache. Several
-# threads: every op is an OpenMP fork/join, whose barriers cost milliseconds when the cores are
-# shared with other processes, so fewer, 16 MiB chunks (measured with benchmarks/bench_dense_kl).
+# threads: every op is an OpenMP fork/join, so fewer, 8 MiB chunks (benchmarks/bench_dense_kl on
+# 2 quiet cores, V=32,000: 4 MiB 1.81x, 8 MiB 1.89-2.10x, 16 MiB 1.93x the naive path's speed).
 _CHUNK_ELEMENTS = 1 << 20
-_CHUNK_ELEMENTS_THREADED = 1 << 22
+_CHUNK_ELEMENTS_THREADED = 1 << 21
 # exp(x) is exactly 0 in fp32 below −103.3, so clamping z − max at −200 leaves p, kl and ∇_z bit for
 # bit unchanged while keeping every product p·(log p − …) finite (no 0·(−inf) → NaN, no where()).
 _SHIFT_FLOOR = -200.0
