@@ -238,9 +238,9 @@ def publish_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     safetensors.torch.save_file(_cpu_tensors(state_dict), str(tmp), metadata={"version": str(version)})
-    _fsync_file(tmp)
+    # The rename keeps readers from ever seeing a partial file. No fsync: this runs every step,
+    # and after a machine crash the learner republishes from its checkpoint under a new version.
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
     notice = json.dumps({"version": version, "path": str(path)})
     ok = client.eval(
         _PUBLISH_LUA, 3,

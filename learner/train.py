@@ -21,8 +21,11 @@ shares each batch's groups out; DDP averages the gradients; rank 0 checkpoints a
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,7 @@ class LearnerConfig:
     claim_idle_ms: int = 60_000  # entries idle this long are claimed (a dead consumer's, or poison retries)
     max_deliveries: int = 3  # an entry that fails to decode this many times is dead-lettered
     audit: bool = False  # keep every applied rollout id in the checkpoint, step by step (for audits)
+    gc_interval: int = 50  # steps between manual garbage collections (0: Python's automatic GC)
 
 
 @dataclass
@@ -371,8 +375,14 @@ class Learner:
             run_state.apply(self.client, self.cfg.run_id, rs.Command.START)
             self._publish_start()
         self.data_wait = DataWait()  # model loading and the first publication are not step time
+        with manual_gc(self.cfg.gc_interval):
+            return self._loop()
+
+    def _loop(self) -> rs.RunStatus:
         try:
             while self.step < self.spec.steps:
+                if self.cfg.gc_interval and self.step % self.cfg.gc_interval == 0:
+                    gc.collect()  # at a step boundary, not in the middle of a backward pass
                 desired, leave = self._boundary()
                 if desired is rs.Desired.STOP:
                     return self._finish(rs.Command.HALT)
@@ -390,6 +400,24 @@ class Learner:
                     self.client, self.cfg.run_id, rs.Command.FAIL, error=f"{type(err).__name__}: {err}"
                 )
             raise
+
+
+@contextlib.contextmanager
+def manual_gc(interval: int) -> Iterator[None]:
+    """Python's cyclic GC off while training (``interval`` > 0): the Redis and protobuf path leaves
+    many small objects, and automatic collections then land inside forward/backward passes
+    (benchmarks/bench_learner.py). Reference counting still frees almost everything; the loop
+    collects every ``interval`` steps at a boundary."""
+    if not interval or not gc.isenabled():
+        yield
+        return
+    gc.freeze()  # the model, tokenizer and imports are long-lived: never scan them again
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 class LeaseLostError(RuntimeError):
