@@ -124,6 +124,13 @@ def producer_dedup(run_id: str) -> str:
     return _run(run_id, "producer:dedup")
 
 
+def length_curriculum(run_id: str) -> str:
+    """Hash: ``max_new_tokens`` (the response length limit in effect) and ``step`` (the learner step
+    that set it), written by the learner's entropy-gated length curriculum (seed 003) and read by
+    the rollout workers before each group. Absent: the curriculum's start length."""
+    return _run(run_id, "sampling:length")
+
+
 def run_keys(run_id: str) -> list[str]:
     """The fixed keys of a run (for deletion when the run is removed); fence keys of prompts still
     leased are found with ``SCAN MATCH prompt_fence_prefix(run_id) + '*'``."""
@@ -139,4 +146,5 @@ def run_keys(run_id: str) -> list[str]:
         prompt_leases(run_id),
         producer_counters(run_id),
         producer_dedup(run_id),
+        length_curriculum(run_id),
     ]

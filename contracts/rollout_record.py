@@ -74,6 +74,9 @@ class DecodedRollout:
     student_top_ids: IntArray  # (P, k) or (P, 0)
     teachers: list[TeacherArrays] = field(default_factory=list)
     rewards: list[Reward] = field(default_factory=list)
+    # The response is the dataset's reference, not a sample of the student (seed 002 ch. 4): the
+    # learner's sparse (score-function) term must not use it.
+    from_reference: bool = False
 
     @property
     def num_positions(self) -> int:
@@ -102,6 +105,7 @@ def build_rollout(
     logprob_dtype: DType = "float16",
     worker_id: str = "",
     created_unix: float = 0.0,
+    from_reference: bool = False,
 ) -> rollout_pb2.Rollout:
     """The record of one response; teacher log-probs are packed as ``logprob_dtype``."""
     top = np.zeros((0, 0), np.int32) if student_top_ids is None else np.asarray(student_top_ids)
@@ -114,7 +118,7 @@ def build_rollout(
         sampled_logprobs=b"" if sampled_logprobs is None else encode(sampled_logprobs, "float32"),
         student_top_k=int(top.shape[1]) if top.ndim == 2 else 0,
         student_top_ids=encode(top, "int32") if top.size else b"",
-        worker_id=worker_id, created_unix=created_unix,
+        worker_id=worker_id, created_unix=created_unix, from_reference=from_reference,
     )  # fmt: skip
     wire = rollout_pb2.SCORE_DTYPE_FLOAT16 if logprob_dtype == "float16" else rollout_pb2.SCORE_DTYPE_FLOAT32
     for t in teachers or []:
@@ -230,4 +234,5 @@ def decode_rollout(data: bytes) -> DecodedRollout:
         student_top_ids=top_ids,
         teachers=[_teacher(t, p, k, i) for i, t in enumerate(msg.teachers)],
         rewards=[_reward(r, i) for i, r in enumerate(msg.rewards)],
+        from_reference=msg.from_reference,
     )  # fmt: skip

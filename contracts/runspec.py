@@ -11,16 +11,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contracts.schedules import ConstantSchedule, ScheduleSpec
+from contracts.schedules import ConstantSchedule, CosineSchedule, PiecewiseSchedule, Schedule, ScheduleSpec
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 # Names the learner's registries serve; tests check these lists against the registries.
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "kl_mix")
 BASELINES = ("none", "leave_one_out")
 NORMALIZATIONS = ("sum_over_k", "per_token_mean")
-SUPPORTS = ("full", "student_top_k", "teacher_top_k", "union")
+SUPPORTS = ("full", "student_top_k", "teacher_top_k", "union", "teacher_top_p")
 
 
 class _Spec(BaseModel):
@@ -43,12 +43,66 @@ class RewardRef(_Spec):
 
 class ObjectiveSpec(_Spec):
     gamma: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0  # γ of eq. 12
-    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"  # dense term
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "kl_mix"] = "reverse_kl"  # dense term
     jsd_beta: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = 0.5  # GKD's β, jsd only
+    # KL mixing (seed 003, abstract: "KL mixing"), kl_mix only: the dense term is
+    # D = w·KL(teacher‖student) + (1−w)·KL(student‖teacher); w = 1 is forward_kl, w = 0 reverse_kl.
+    kl_mix_forward_weight: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
     baseline: Literal["none", "leave_one_out"] = "none"  # subtracted from G in the sparse term
     normalization: Literal["sum_over_k", "per_token_mean"] = "sum_over_k"  # Algorithm 1 line 18
-    support: Literal["full", "student_top_k", "teacher_top_k", "union"] = "student_top_k"  # B.2
+    # B.2; teacher_top_p: seed 004 Definition 1 (eq. 7), the smallest set of the teacher's top-K
+    # tokens whose cumulative teacher probability is >= top_p, so its size varies per position.
+    # top_k caps it: when the K tokens hold less than top_p, all K are kept.
+    support: Literal["full", "student_top_k", "teacher_top_k", "union", "teacher_top_p"] = "student_top_k"
     top_k: Annotated[int, Field(ge=1, le=1024)] = 32  # K of the support, and teacher top-K asked for
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.8  # teacher_top_p only
+    # Token importance (seed 002 ch. 7, pillar 1): w_t = (1 − H_teacher(t)/log V)·KL(teacher‖student)_t,
+    # a stop-gradient. "weight": the dense term at t is multiplied by w_t; "threshold": tokens with
+    # w_t >= token_importance_threshold keep their dense term, the others drop it (the seed's
+    # TRAIN/skip rule, threshold 0.30 in its worked example). On a top-K support H and KL are taken
+    # on the teacher's and student's distributions renormalized over the support; with several
+    # teachers w_t is the α-weighted mean of theirs (learner/token_weights.py).
+    token_importance: Literal["off", "weight", "threshold"] = "off"
+    token_importance_threshold: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.3
+    # SelecTKD (seed 001, appendix E, proof of Theorem 2): a position is accepted when
+    # greedy_top_k: the student's argmax is among the teacher's top selective_k tokens;
+    # spec_k: at least one of selective_k candidates sampled from the student passes the
+    # speculative acceptance test u < min(1, p_teacher(y)/q_student(y)). The dense term is weighted
+    # 1 at accepted positions and selective_beta at rejected ones (k = 5, β = 0.01: its table 6).
+    # With several teachers a position must pass against each. greedy_top_k on a top-K support
+    # asks the teachers for their top_k tokens (selective_k <= top_k).
+    selective: Literal["off", "greedy_top_k", "spec_k"] = "off"
+    selective_k: Annotated[int, Field(ge=1, le=1024)] = 5
+    selective_beta: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.01
+
+    @model_validator(mode="after")
+    def _check_selective(self) -> ObjectiveSpec:
+        if self.selective == "greedy_top_k" and self.support != "full" and self.selective_k > self.top_k:
+            raise ValueError(
+                f"objective.selective_k: {self.selective_k} exceeds objective.top_k {self.top_k}, "
+                "the teacher's top-K list greedy_top_k checks against"
+            )
+        return self
+
+
+class LengthCurriculumSpec(_Spec):
+    """Entropy-gated length curriculum (seed 003, abstract: "entropy-gated length curriculum").
+
+    The response length limit starts at ``start``; after each learner step whose mean per-token
+    student entropy (nats, over the batch's response tokens) is below ``gate``, it grows by
+    ``step``, up to ``max`` (at most ``sampling.max_new_tokens``).
+    """
+
+    start: Annotated[int, Field(ge=1, le=32768)]
+    step: Annotated[int, Field(ge=1, le=32768)]
+    gate: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]  # nats per token
+    max: Annotated[int, Field(ge=1, le=32768)]
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthCurriculumSpec:
+        if self.start > self.max:
+            raise ValueError(f"length_curriculum.start: {self.start} exceeds max {self.max}")
+        return self
 
 
 class SamplingSpec(_Spec):
@@ -56,6 +110,43 @@ class SamplingSpec(_Spec):
     prompts_per_step: Annotated[int, Field(ge=1, le=4096)] = 8  # prompt groups per optimizer step
     temperature: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
     max_new_tokens: Annotated[int, Field(ge=1, le=32768)] = 64
+    # GKD's λ (seed 002 ch. 4, π_mix = λ·p_θ + (1−λ)·p_data; seed 003's "prefix source" axis): the
+    # share of prompts answered by student samples; the others get the dataset's reference response
+    # (reference_field), kept out of the sparse term. A schedule over learner steps, like λ_n of the
+    # rewards, in [0, 1]; a rising linear ramp holds at 1. Default constant 1: all on-policy.
+    on_policy_fraction: ScheduleSpec = ConstantSchedule(kind="constant", value=1.0)
+    # The dataset field whose text (+ EOS) is the reference response of on_policy_fraction.
+    reference_field: Annotated[str, Field(min_length=1, max_length=128)] = "answer"
+    # Flawed-prefix rejection (seed 002 ch. 7, pillar 3): a student response whose perplexity under
+    # the student, exp(mean −log π_old(y_t)) at the sampling temperature, exceeds this is dropped
+    # and resampled, for at most max_resamples rounds per group. None: off.
+    max_perplexity: Annotated[float, Field(gt=1.0, allow_inf_nan=False)] | None = None
+    max_resamples: Annotated[int, Field(ge=0, le=16)] = 2
+    length_curriculum: LengthCurriculumSpec | None = None  # seed 003; None: max_new_tokens throughout
+
+    @model_validator(mode="after")
+    def _check_options(self) -> SamplingSpec:
+        top = _schedule_max(self.on_policy_fraction)
+        if top > 1.0:
+            raise ValueError(f"on_policy_fraction: a share in [0, 1], the schedule reaches {top}")
+        if self.reference_field == "prompt":
+            raise ValueError("reference_field: 'prompt' is the prompt, not a reference response")
+        lc = self.length_curriculum
+        if lc is not None and lc.max > self.max_new_tokens:
+            raise ValueError(
+                f"length_curriculum.max: {lc.max} exceeds sampling.max_new_tokens {self.max_new_tokens}"
+            )
+        return self
+
+
+def _schedule_max(schedule: Schedule) -> float:
+    """The largest value a share schedule takes; a rising linear ramp counts from its start (it is
+    held at 1 where it passes 1, see services.rollout.sampling.on_policy_share)."""
+    if isinstance(schedule, PiecewiseSchedule):
+        return max(schedule.values)
+    if isinstance(schedule, CosineSchedule):
+        return max(schedule.start, schedule.end)
+    return schedule.at(0)
 
 
 class OptimizerSpec(_Spec):

@@ -75,6 +75,20 @@ METRIC_FIELDS = (
     "wait_fraction_total",  # the same since this learner process started
     "teacher_latency_s",  # mean teacher Score latency over the step's rollouts
     "reward_timeouts",  # cumulative verifier timeouts of the run
+    # Objective options (contracts.runspec.ObjectiveSpec), written only while the option is on:
+    "kl_mix_forward_kl",  # divergence kl_mix: mean per-token KL(teacher‖student) part
+    "kl_mix_reverse_kl",  # divergence kl_mix: mean per-token KL(student‖teacher) part
+    "token_importance_mean",  # token_importance: mean w_t = (1 − H_teacher/log V)·KL over tokens
+    "token_importance_kept",  # token_importance: share of tokens kept (w_t >= threshold; weight: w_t > 0)
+    "selectkd_accept_rate",  # selective: SelecTKD's token acceptance rate (TAR)
+    "support_size",  # support teacher_top_p: mean number of support tokens per position
+    # Sampling options (contracts.runspec.SamplingSpec), written only while the option is on:
+    "on_policy_fraction",  # on_policy_fraction: the scheduled share of student-sampled prompts
+    "reference_share",  # on_policy_fraction: share of the step's responses that are references
+    "rejected_flawed",  # max_perplexity: cumulative flawed student responses dropped and resampled
+    "flawed_kept",  # max_perplexity: cumulative flawed responses kept when max_resamples ran out
+    "student_entropy",  # length_curriculum: mean per-token student entropy of the step's batch
+    "max_new_tokens",  # length_curriculum: the response length limit after this step
 )
 REWARD_PREFIX = "reward/"
 LAMBDA_PREFIX = "lambda/"

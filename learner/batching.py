@@ -96,10 +96,52 @@ def _stack_teachers(arrays: list[list[np.ndarray]], width: int) -> Tensor:
     return torch.stack([_pad(per_teacher, width, 0.0) for per_teacher in arrays]).float()
 
 
+# Absorbs the float32 rounding of the teachers' log-probs in the top-p cumulative sums.
+NUCLEUS_SLACK = 1e-6
+
+
+def teacher_nucleus(ids: Tensor, logprobs: Tensor, top_p: float) -> Tensor:
+    """``ids`` (..., K) with those outside the teacher's top-p set made padding (−1).
+
+    Seed 004, Definition 1 (eq. 7): the smallest set of the highest-probability tokens whose
+    cumulative probability is >= top_p. An entry is kept when the mass ranked above it is still
+    < top_p; ties are ranked in list order. K caps the set: when the K tokens hold less than
+    top_p all K are kept, and top_p = 1 keeps all K.
+    """
+    if top_p >= 1.0:
+        return ids
+    lp = torch.where(ids >= 0, logprobs.double(), float("-inf"))
+    order = lp.argsort(dim=-1, descending=True, stable=True)
+    mass = lp.gather(-1, order).exp()
+    above = torch.nn.functional.pad(mass.cumsum(-1)[..., :-1], (1, 0))  # exclusive cumulative sum
+    keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, above < top_p - NUCLEUS_SLACK)
+    return torch.where(keep & (ids >= 0), ids, -1)
+
+
+def mean_support_size(batch: ObjectiveBatch) -> float:
+    """Mean number of support ids per response token (the full vocabulary without ids)."""
+    if batch.support_ids is None:
+        return float(batch.logits.shape[-1])
+    sizes = (batch.support_ids >= 0).sum(-1)[batch.mask]
+    return float(sizes.double().mean()) if sizes.numel() else 0.0
+
+
+def teacher_tops(
+    rollouts: Sequence[DecodedRollout], teachers: Sequence[str], width: int
+) -> tuple[Tensor, Tensor]:
+    """Each teacher's top-K ids (M, B, T, K) (−1 = padding) and log-probs, for SelecTKD's greedy_top_k."""
+    scores = _teacher_arrays(rollouts, teachers)
+    per_teacher = [[s[m] for s in scores] for m in range(len(teachers))]
+    ids = torch.stack([_pad([x.top_ids for x in xs], width, -1).long() for xs in per_teacher])
+    return ids, _stack_teachers([[x.top_logprobs for x in xs] for xs in per_teacher], width)
+
+
 def support(
-    rollouts: Sequence[DecodedRollout], teachers: Sequence[str], kind: str, width: int, vocab: int
-) -> tuple[Tensor | None, Tensor | None]:
-    """Support ids (B, T, K) and teacher log-probs on them (M, B, T, K|V) for the run's support."""
+    rollouts: Sequence[DecodedRollout], teachers: Sequence[str], kind: str, width: int, vocab: int,
+    top_p: float = 1.0,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """Support ids (B, T, K) and teacher log-probs on them (M, B, T, K|V) for the run's support
+    (``top_p``: the nucleus of ``teacher_top_p``)."""
     if not teachers:
         return None, None
     scores = _teacher_arrays(rollouts, teachers)
@@ -119,6 +161,8 @@ def support(
     top_lp = _stack_teachers([[s[0].top_logprobs for s in scores]], width)
     if kind == "teacher_top_k":
         return top_ids, top_lp
+    if kind == "teacher_top_p":
+        return teacher_nucleus(top_ids, top_lp[0], top_p), top_lp
     # union: the student's top-K (scored as candidates), then the teacher's top-K ids not among them
     dup = (top_ids[..., :, None] == student_ids[..., None, :]).any(-1)
     ids = torch.cat([student_ids, torch.where(dup, -1, top_ids)], -1)
@@ -150,14 +194,21 @@ def objective_batch(
     teachers: Sequence[str],
     support_kind: str,
     rewards: Tensor,
+    *,
+    top_p: float = 1.0,
+    with_teacher_tops: bool = False,
 ) -> ObjectiveBatch:
-    """Everything :func:`learner.objective.objective_loss` needs, from the student's logits (B, L, V)."""
+    """Everything :func:`learner.objective.objective_loss` needs, from the student's logits (B, L, V).
+
+    ``top_p``: the nucleus of the ``teacher_top_p`` support; ``with_teacher_tops``: also each
+    teacher's top-K list (SelecTKD's greedy_top_k on a top-K support)."""
     resp_logits, tokens, mask = response_logits(logits, packed)
     width, vocab = packed.width, logits.shape[-1]
     scores = _teacher_arrays(rollouts, teachers)
     token_lp = [[s[m].token_logprobs for s in scores] for m in range(len(teachers))]
     teacher_tok = _stack_teachers(token_lp, width) if teachers else torch.zeros((0, len(rollouts), width))
-    ids, teacher_lp = support(rollouts, teachers, support_kind, width, vocab)
+    ids, teacher_lp = support(rollouts, teachers, support_kind, width, vocab, top_p)
+    tops = teacher_tops(rollouts, teachers, width) if with_teacher_tops and teachers else (None, None)
     groups: dict[tuple[int, int], int] = {}
     group_ids = torch.tensor([groups.setdefault((r.prompt_id, r.attempt), len(groups)) for r in rollouts])
     return ObjectiveBatch(
@@ -169,4 +220,8 @@ def objective_batch(
         support_ids=ids,
         rewards=rewards,
         group_ids=group_ids,
+        teacher_top_ids=tops[0],
+        teacher_top_logprobs=tops[1],
+        # reference responses (sampling.on_policy_fraction) stay out of the sparse term
+        on_policy=torch.tensor([not r.from_reference for r in rollouts], dtype=torch.bool),
     )

@@ -45,7 +45,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--claim-idle-ms", type=int, default=60_000, help="claim entries idle this long")
     p.add_argument("--max-deliveries", type=int, default=3, help="dead-letter a bad entry after this many")
     p.add_argument("--audit", action="store_true", help="record every applied rollout id in checkpoints")
-    return p.parse_args(argv)
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept per run (>= 1)")
+    a = p.parse_args(argv)
+    if a.keep_checkpoints < 1:
+        p.error(f"--keep-checkpoints: must be >= 1, got {a.keep_checkpoints}")
+    return a
 
 
 def _init_distributed(device: str) -> str:
@@ -99,7 +103,7 @@ class _Service:
         spec = RunSpec.model_validate_json(_broadcast(raw))  # type: ignore[arg-type]
         cfg = LearnerConfig(run_id, self.a.runs_dir / run_id, "learner", self.device, self.a.batch_timeout_s,
                             claim_idle_ms=self.a.claim_idle_ms, max_deliveries=self.a.max_deliveries,
-                            audit=self.a.audit)  # fmt: skip
+                            audit=self.a.audit, keep_checkpoints=self.a.keep_checkpoints)  # fmt: skip
         self.current = Learner(cfg, self.client, spec, lease)
         if lease is not None:
             lease.start()

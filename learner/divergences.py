@@ -11,6 +11,8 @@ p = softmax(z) and teachers q_m, each weighted by α_m and summed over teachers:
   M = βP + (1−β)Q, JSD_β = β KL(P‖M) + (1−β) KL(Q‖M) (seed 002 ch. 3–4; β = 0.5 is the
   symmetric JSD of the seed's worked example). β must lie in (0, 1): at the end points JSD_β
   is identically 0, so use ``forward_kl`` / ``reverse_kl`` (the limits of JSD_β/β, JSD_β/(1−β)).
+- ``kl_mix``: seed 003's KL mixing, D = w·KL(q_m‖p) + (1−w)·KL(p‖q_m) with w = ``forward_weight``
+  in [0, 1]: the two divergences above, on the same support; w = 0 / 1 computes only one of them.
 
 Every divergence returns ``DenseTerms``: the per-row divergence and the log-prob of the sampled
 token (for the sparse term), both differentiable w.r.t. the logits, computed in one pass.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,6 +71,8 @@ class DenseTerms:
 
     div: Tensor  # (N,) Σ_m α_m D(p_n, q_{m,n}) in nats
     target_logprob: Tensor  # (N,) log p_n[targets[n]], 0 where targets[n] < 0
+    # Named per-row parts of ``div``, detached, for metrics (kl_mix: "forward_kl", "reverse_kl").
+    parts: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 # Every registered divergence is called as
@@ -200,6 +204,39 @@ def _jsd_chunk(lp: Tensor, lq: Tensor, valid: Tensor | None, beta: float) -> Ten
     if valid is not None:
         term = torch.where(valid, term, torch.zeros_like(term))
     return term.sum(-1)
+
+
+def _check_forward_weight(params: Mapping[str, float]) -> None:
+    extra = sorted(set(params) - {"forward_weight"})
+    if extra:
+        raise DivergenceError(f"divergence_params: unexpected {extra}; kl_mix takes only 'forward_weight'")
+    w = params.get("forward_weight", 0.5)
+    if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and 0.0 <= w <= 1.0):
+        raise DivergenceError(f"divergence_params.forward_weight: must be a number in [0, 1], got {w!r}")
+
+
+@register_divergence("kl_mix", check_params=_check_forward_weight)
+def kl_mix(
+    logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    weights: Tensor,
+    ids: Tensor | None = None,
+    targets: Tensor | None = None,
+    forward_weight: float = 0.5,
+) -> DenseTerms:
+    """Σ_m α_m [w·KL(q_m‖p) + (1−w)·KL(p‖q_m)] per row (seed 003's KL mixing, w = forward_weight)."""
+    _check_forward_weight({"forward_weight": forward_weight})
+    w = float(forward_weight)
+    if w in (0.0, 1.0):  # exactly one of the two: bit-for-bit reverse_kl / forward_kl
+        name = "forward_kl" if w == 1.0 else "reverse_kl"
+        out = get_divergence(name)(logits, teacher_logprobs, weights=weights, ids=ids, targets=targets)
+        return replace(out, parts={name: out.div.detach()})
+    # Only one of the two calls gathers the target log-prob: the sparse term must count it once.
+    rev = reverse_kl(logits, teacher_logprobs, weights=weights, ids=ids, targets=targets)
+    fwd = forward_kl(logits, teacher_logprobs, weights=weights, ids=ids)
+    parts = {"forward_kl": fwd.div.detach(), "reverse_kl": rev.div.detach()}
+    return DenseTerms(div=w * fwd.div + (1.0 - w) * rev.div, target_logprob=rev.target_logprob, parts=parts)
 
 
 ChunkFn = Callable[[Tensor, Tensor, Tensor | None, float], Tensor]

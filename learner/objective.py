@@ -17,6 +17,12 @@ seed's). Special cases from the same code (table 5.5): γ=0, λ=0 → dense only
 γ=0, λ>0 → dense + reward through the sparse term; γ=1 → full-trajectory KL + reward; no teacher
 (M=0) → costs 0, no dense term: pure REINFORCE on the rewards.
 
+Optional per-token weights w_t of the dense term (stop-gradient, ``learner.token_weights``; off by
+default, and then the loss is computed exactly as without them): Σ_m α_m D becomes w_t · Σ_m α_m D
+with w_t the token importance of seed 002 ch. 7 (as a weight, or 0/1 by a threshold) times
+SelecTKD's 1 / β (seed 001). The sparse term and the costs c_t are unweighted; ``kl_mean`` stays
+the unweighted mean divergence.
+
 What the estimator is the gradient of (tests/test_theorem1.py checks each by enumeration):
 γ=1: exactly ∇J of eq. 3. γ<1: Σ_t ∂/∂θ_t E[Σ_{k≥t} γ^{k−t} c_k − λ r] with θ_t the copy of θ used
 at step t (the γ-discounted cost-to-go, differentiated one step at a time); γ=0: the gradient of
@@ -35,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from learner import divergences
+from learner import divergences, token_weights
 from learner.baselines import leave_one_out_baseline
 
 __all__ = [
@@ -50,8 +56,12 @@ __all__ = [
 
 Baseline = Literal["none", "leave_one_out"]
 Normalization = Literal["sum_over_k", "per_token_mean"]
+TokenImportance = Literal["off", "weight", "threshold"]
+Selective = Literal["off", "greedy_top_k", "spec_k"]
 BASELINES: tuple[str, ...] = ("none", "leave_one_out")
 NORMALIZATIONS: tuple[str, ...] = ("sum_over_k", "per_token_mean")
+TOKEN_IMPORTANCE: tuple[str, ...] = ("off", "weight", "threshold")
+SELECTIVE: tuple[str, ...] = ("off", "greedy_top_k", "spec_k")
 
 
 class ObjectiveError(ValueError):
@@ -77,9 +87,37 @@ class ObjectiveConfig:
     teacher_weights: tuple[float, ...] = (1.0,)
     # Names of the rewards r_n, in the column order of ObjectiveBatch.rewards; λ_n per name.
     reward_names: tuple[str, ...] = ()
+    # Token importance (seed 002 ch. 7): w_t = (1 − H_teacher/log V)·KL(teacher‖student) multiplies
+    # the dense term ("weight"), or keeps it where w_t >= the threshold ("threshold").
+    token_importance: TokenImportance = "off"
+    token_importance_threshold: float = 0.3
+    # SelecTKD (seed 001): dense term × 1 at accepted positions, × selective_beta at rejected ones.
+    selective: Selective = "off"
+    selective_k: int = 5
+    selective_beta: float = 0.01
 
     def __post_init__(self) -> None:
         _check_config(self)
+        _check_token_weights(self)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_token_weights(cfg: ObjectiveConfig) -> None:
+    if cfg.token_importance not in TOKEN_IMPORTANCE:
+        raise _fail("token_importance", f"unknown {cfg.token_importance!r}; valid: {list(TOKEN_IMPORTANCE)}")
+    threshold = cfg.token_importance_threshold
+    if not _number(threshold) or threshold < 0:
+        raise _fail("token_importance_threshold", f"must be finite and >= 0, got {threshold!r}")
+    if cfg.selective not in SELECTIVE:
+        raise ObjectiveError(f"selective: unknown {cfg.selective!r}; valid: {list(SELECTIVE)}")
+    k = cfg.selective_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ObjectiveError(f"selective_k: must be an integer >= 1, got {k!r}")
+    if not _number(cfg.selective_beta) or not 0.0 <= cfg.selective_beta <= 1.0:
+        raise ObjectiveError(f"selective_beta: must be a number in [0, 1], got {cfg.selective_beta!r}")
 
 
 def _check_config(cfg: ObjectiveConfig) -> None:
@@ -113,6 +151,14 @@ class ObjectiveBatch:
     support_ids: Tensor | None  # (B, T, K) int64 support of the dense term (< 0 = padding)
     rewards: Tensor  # (B, N) r_n(x, y), columns in ObjectiveConfig.reward_names order
     group_ids: Tensor  # (B,) int64, equal for responses to the same prompt
+    # Each teacher's top-K' ids and log-probs (M, B, T, K'), any order: SelecTKD's greedy_top_k
+    # checks against them when the dense support is not the full vocabulary.
+    teacher_top_ids: Tensor | None = None
+    teacher_top_logprobs: Tensor | None = None
+    # (B,) bool, False for responses not sampled from the student (the dataset's reference,
+    # sampling.on_policy_fraction, seed 002 ch. 4): the sparse score-function term assumes
+    # y ~ π_θ, so it skips them; the dense term applies to every row. None: all on-policy.
+    on_policy: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +174,9 @@ class ObjectiveOutput:
     advantage_std: Tensor  # () std of G_{t+1} − baseline over tokens
     num_tokens: int
     num_responses: int
+    # Metrics of the options that are on, () each: token_importance_mean / token_importance_kept,
+    # selectkd_accept_rate, kl_mix_forward_kl / kl_mix_reverse_kl (means over the response tokens).
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------- pure tensor functions
@@ -195,7 +244,7 @@ def objective_loss(
     lam = _check_batch(cfg, batch, lambdas)
     bsz = batch.logits.shape[0]
     mask = batch.mask
-    div, target_lp = _dense_terms(cfg, batch)  # (B, T) each, differentiable
+    div, target_lp, extras = _dense_terms(cfg, batch)  # (B, T) each, differentiable
     alphas = torch.tensor(cfg.teacher_weights, dtype=torch.float32)
     costs = token_costs(target_lp.detach(), batch.teacher_token_logprobs, alphas, mask)
     returns = discounted_returns(costs, mask, batch.rewards, lam, cfg.gamma)
@@ -203,10 +252,13 @@ def objective_loss(
         returns_b = returns - leave_one_out_baseline(returns, batch.group_ids)
     else:
         returns_b = returns
-    adv = torch.where(mask, returns_b, torch.zeros_like(returns_b)).detach()
+    sparse_mask = mask if batch.on_policy is None else mask & batch.on_policy.to(mask.device)[:, None]
+    adv = torch.where(sparse_mask, returns_b, torch.zeros_like(returns_b)).detach()
     n_tok = int(mask.sum())
     norm = 1.0 / bsz if cfg.normalization == "sum_over_k" else 1.0 / max(n_tok, 1)
-    dense = torch.where(mask, div, torch.zeros_like(div)).sum() * norm
+    weight = _dense_weights(cfg, batch, extras)  # None when no option weights the dense term
+    weighted = div if weight is None else div * weight
+    dense = torch.where(mask, weighted, torch.zeros_like(weighted)).sum() * norm
     sparse = (adv * target_lp).sum() * norm
     return ObjectiveOutput(
         loss=dense + sparse,
@@ -215,25 +267,67 @@ def objective_loss(
         kl_mean=_masked_mean(div.detach(), mask),
         cost_mean=_masked_mean(costs, mask),
         return_mean=_masked_mean(returns, mask),
-        advantage_std=_masked_std(adv, mask),
+        advantage_std=_masked_std(adv, sparse_mask),
         num_tokens=n_tok,
         num_responses=bsz,
+        extras={name: _masked_mean(x, mask) for name, x in extras.items()},
     )
 
 
-def _dense_terms(cfg: ObjectiveConfig, batch: ObjectiveBatch) -> tuple[Tensor, Tensor]:
-    """(B, T) dense divergence (0 without teachers) and (B, T) log π_θ(y_t), both with grad."""
+def _dense_terms(cfg: ObjectiveConfig, batch: ObjectiveBatch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(B, T) dense divergence (0 without teachers) and (B, T) log π_θ(y_t), both with grad, and
+    the divergence's named parts (B, T), detached, as ``kl_mix_<part>`` metrics."""
     bsz, t, v = batch.logits.shape
     logits = batch.logits.reshape(bsz * t, v)  # a view when contiguous: no (N, V) copy
     targets = torch.where(batch.mask, batch.tokens, -1).reshape(-1)
     if not cfg.teacher_weights:
         target_lp = divergences.target_logprobs(logits, targets)
-        return torch.zeros_like(target_lp).view(bsz, t), target_lp.view(bsz, t)
+        return torch.zeros_like(target_lp).view(bsz, t), target_lp.view(bsz, t), {}
     teacher, ids = _dense_teacher(batch)
     fn = divergences.get_divergence(cfg.divergence)
     weights = torch.tensor(cfg.teacher_weights, dtype=torch.float32, device=logits.device)
     out = fn(logits, teacher, weights=weights, ids=ids, targets=targets, **cfg.divergence_params)
-    return out.div.view(bsz, t), out.target_logprob.view(bsz, t)
+    parts = {f"{cfg.divergence}_{name}": x.view(bsz, t) for name, x in out.parts.items()}
+    return out.div.view(bsz, t), out.target_logprob.view(bsz, t), parts
+
+
+def _dense_weights(cfg: ObjectiveConfig, batch: ObjectiveBatch, extras: dict[str, Tensor]) -> Tensor | None:
+    """(B, T) stop-gradient weights of the dense term (learner.token_weights), or None when every
+    option is off (or there is no teacher); adds the options' per-token metrics to ``extras``."""
+    if not cfg.teacher_weights or (cfg.token_importance == "off" and cfg.selective == "off"):
+        return None
+    bsz, t, v = batch.logits.shape
+    logits = batch.logits.detach().reshape(bsz * t, v)
+    teacher, ids = _dense_teacher(batch)
+    weight = torch.ones(bsz * t, dtype=torch.float32, device=logits.device)
+    if cfg.token_importance != "off":
+        alphas = torch.tensor(cfg.teacher_weights, dtype=torch.float32)
+        score = token_weights.importance_scores(logits, teacher, ids, alphas)
+        keep = score >= cfg.token_importance_threshold
+        weight = weight * (score if cfg.token_importance == "weight" else keep.float())
+        kept = keep if cfg.token_importance == "threshold" else score > 0
+        extras["token_importance_mean"] = score.view(bsz, t)
+        extras["token_importance_kept"] = kept.float().view(bsz, t)
+    if cfg.selective != "off":
+        accepted = _selective_accept(cfg, batch, logits, teacher, ids)
+        weight = weight * torch.where(accepted, 1.0, cfg.selective_beta)
+        extras["selectkd_accept_rate"] = accepted.float().view(bsz, t)
+    return weight.view(bsz, t)
+
+
+def _selective_accept(
+    cfg: ObjectiveConfig, batch: ObjectiveBatch, logits: Tensor, teacher: Tensor, ids: Tensor | None
+) -> Tensor:
+    """(B·T,) bool: SelecTKD's verification (seed 001) at every position."""
+    if cfg.selective == "spec_k":
+        return token_weights.spec_k_accept(logits, teacher, ids, cfg.selective_k)
+    if ids is None:
+        return token_weights.greedy_top_k_accept(logits, teacher, cfg.selective_k)
+    assert batch.teacher_top_ids is not None and batch.teacher_top_logprobs is not None  # _check_batch
+    m, bsz, t, width = batch.teacher_top_ids.shape
+    top_ids = batch.teacher_top_ids.reshape(m, bsz * t, width)
+    top_lp = batch.teacher_top_logprobs.reshape(m, bsz * t, width)
+    return token_weights.greedy_top_k_accept(logits, teacher, cfg.selective_k, top_ids, top_lp)
 
 
 def _dense_teacher(batch: ObjectiveBatch) -> tuple[Tensor, Tensor | None]:
@@ -290,18 +384,25 @@ def _check_batch(cfg: ObjectiveConfig, batch: ObjectiveBatch, lambdas: Sequence[
     _check_shape("teacher_token_logprobs", batch.teacher_token_logprobs, (m, bsz, t))
     _check_finite("teacher_token_logprobs", batch.teacher_token_logprobs, batch.mask)
     _check_dense_teacher(batch, m, bsz, t, v)
+    _check_selective_inputs(cfg, batch, m, v)
     _check_shape("rewards", batch.rewards, (bsz, n))
     if not bool(torch.isfinite(batch.rewards).all()):
         raise _fail("rewards", "must be finite")
     _check_shape("group_ids", batch.group_ids, (bsz,))
     if batch.group_ids.is_floating_point():
         raise _fail("group_ids", "must be an integer tensor")
+    _check_on_policy(batch.on_policy, bsz)
     lam = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
     if lam.shape != (n,):
         raise _fail("lambdas", f"expected {n} values (one per reward), got {lam.numel()}")
     if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
         raise _fail("lambdas", "every λ_n must be finite and >= 0")
     return lam
+
+
+def _check_on_policy(on_policy: Tensor | None, bsz: int) -> None:
+    if on_policy is not None and (tuple(on_policy.shape) != (bsz,) or on_policy.dtype != torch.bool):
+        raise _fail("on_policy", f"expected bool (B={bsz},), got {on_policy.dtype} {tuple(on_policy.shape)}")
 
 
 def _check_tokens(batch: ObjectiveBatch, v: int) -> None:
@@ -335,3 +436,23 @@ def _check_dense_teacher(batch: ObjectiveBatch, m: int, bsz: int, t: int, v: int
     if on.numel() and int(on.max()) >= v:
         raise _fail("support_ids", f"ids on the mask must be < vocab size {v} (< 0 = padding)")
     _check_shape("teacher_logprobs", batch.teacher_logprobs, (m, bsz, t, ids.shape[2]))
+
+
+def _check_selective_inputs(cfg: ObjectiveConfig, batch: ObjectiveBatch, m: int, v: int) -> None:
+    """greedy_top_k needs the teacher's top-k: the full vocabulary, or top lists of >= k entries."""
+    if cfg.selective != "greedy_top_k" or m == 0:
+        return
+    k = cfg.selective_k
+    if batch.support_ids is None:
+        if k > v:
+            raise _fail("selective_k", f"{k} exceeds the vocabulary size {v}")
+        return
+    ids, lp = batch.teacher_top_ids, batch.teacher_top_logprobs
+    if ids is None or lp is None:
+        raise _fail("teacher_top_ids", "greedy_top_k on a top-K support needs each teacher's top-K list")
+    bsz, t = batch.mask.shape
+    if ids.dim() != 4 or tuple(ids.shape[:3]) != (m, bsz, t) or ids.is_floating_point():
+        raise _fail("teacher_top_ids", f"expected int (M={m}, B={bsz}, T={t}, K), got {tuple(ids.shape)}")
+    _check_shape("teacher_top_logprobs", lp, tuple(ids.shape))
+    if ids.shape[-1] < k:
+        raise _fail("selective_k", f"{k} exceeds the teachers' top-K lists of {ids.shape[-1]} (top_k)")

@@ -2,7 +2,8 @@
 
 The learner reports start/halt/finish/fail through ``transition`` under WATCH, begins each step
 by advancing ``step`` and reading the λ schedules in one transaction, and appends one metrics
-entry per step.
+entry per step. With ``sampling.length_curriculum`` it also keeps the response length limit in
+``keys.length_curriculum`` (``advance_length``), where the rollout workers read it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Mapping
 
 import redis
 
+from contracts import keys
 from contracts import runstate as rs
-from contracts.runspec import RunSpec
+from contracts.runspec import LengthCurriculumSpec, RunSpec
 from contracts.schedules import ScheduleTimeline
 
 
@@ -83,6 +85,33 @@ def write_metrics(
 ) -> None:
     fields = {name: repr(float(v)) for name, v in values.items()}
     client.xadd(rs.run_metrics_key(run_id), fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+
+
+def grow_length(current: int, entropy: float, lc: LengthCurriculumSpec) -> int:
+    """Seed 003's entropy-gated length curriculum: the limit grows by ``lc.step`` after a step whose
+    mean student entropy is below ``lc.gate`` (the student has become confident at this length),
+    never past ``lc.max``."""
+    return min(lc.max, current + lc.step) if entropy < lc.gate else min(current, lc.max)
+
+
+def read_length(client: redis.Redis, run_id: str, lc: LengthCurriculumSpec) -> int:
+    """The response length limit in effect: the stored one, else ``lc.start``."""
+    raw = client.hget(keys.length_curriculum(run_id), "max_new_tokens")
+    return min(max(int(_text(raw)), 1), lc.max) if raw is not None else lc.start
+
+
+def advance_length(
+    client: redis.Redis, run_id: str, lc: LengthCurriculumSpec, entropy: float, step: int
+) -> int:
+    """Apply ``grow_length`` after learner ``step`` and store the result for the workers.
+
+    Kept in Redis, not in the checkpoint: it outlives a learner restart with the rest of the run's
+    state, and a limit grown by steps that a crash then rolled back stays grown (the curriculum
+    only ever lengthens, so the workers never see it shrink).
+    """
+    length = grow_length(read_length(client, run_id, lc), entropy, lc)
+    client.hset(keys.length_curriculum(run_id), mapping={"max_new_tokens": str(length), "step": str(step)})
+    return length
 
 
 # KEYS: lease   ARGV: holder, ttl_ms  -> 1 refreshed | 0 held by someone else (or expired)

@@ -33,15 +33,23 @@ from typing import Any
 import redis
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from contracts import keys
 from contracts import runstate as rs
 from contracts.runspec import RunSpec
-from contracts.schedules import ScheduleTimeline
+from contracts.schedules import ConstantSchedule, ScheduleTimeline
 from learner import run_state
 from learner.applied import AppliedIds
-from learner.batching import BatchError, check_vocab, objective_batch, pack_sequences, rewards_matrix
+from learner.batching import (
+    BatchError,
+    check_vocab,
+    mean_support_size,
+    objective_batch,
+    pack_sequences,
+    rewards_matrix,
+)
 from learner.checkpoint import (
     Checkpoint,
     capture_rng,
@@ -50,7 +58,7 @@ from learner.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from learner.objective import ObjectiveConfig, objective_loss
+from learner.objective import ObjectiveBatch, ObjectiveConfig, objective_loss
 from learner.queue import Batch, ConsumerConfig, Group, RolloutConsumer
 from learner.run_state import LearnerLease
 
@@ -97,14 +105,20 @@ class DataWait:
 
 def objective_config(spec: RunSpec) -> ObjectiveConfig:
     o = spec.objective
+    params = {"jsd": {"beta": o.jsd_beta}, "kl_mix": {"forward_weight": o.kl_mix_forward_weight}}
     return ObjectiveConfig(
         gamma=o.gamma,
         divergence=o.divergence,
-        divergence_params={"beta": o.jsd_beta} if o.divergence == "jsd" else {},
+        divergence_params=params.get(o.divergence, {}),
         baseline=o.baseline,
         normalization=o.normalization,
         teacher_weights=tuple(t.weight for t in spec.teachers),
         reward_names=tuple(r.name for r in spec.rewards),
+        token_importance=o.token_importance,
+        token_importance_threshold=o.token_importance_threshold,
+        selective=o.selective,
+        selective_k=o.selective_k,
+        selective_beta=o.selective_beta,
     )
 
 
@@ -137,6 +151,7 @@ class Learner:
         self._exit_requested = False
         self._carry: list[Group] = []  # whole groups read but not yet trained on
         self._last_teacher = (0.0, 0.0)  # producer counters (teacher calls, latency sum) at the last step
+        self._entropy = 0.0  # mean student entropy of the last step's batch (sampling.length_curriculum)
         self.data_wait = DataWait()
 
     def request_exit(self) -> None:
@@ -248,9 +263,12 @@ class Learner:
             attention_mask=packed.attention_mask.to(self.cfg.device),
         ).logits
         teachers = [t.name for t in self.spec.teachers]
+        o = self.spec.objective
         batch = objective_batch(
-            logits.float(), packed, rollouts, teachers, self.spec.objective.support, rewards
-        )
+            logits.float(), packed, rollouts, teachers, o.support, rewards, top_p=o.top_p,
+            with_teacher_tops=o.selective == "greedy_top_k" and o.support != "full",
+        )  # fmt: skip
+        self._observe_entropy(batch)
         out = objective_loss(self.objective, batch, self._lambdas(self.step + 1))
         # DDP averages over ranks; rescaling by this rank's share makes it the global normalization.
         scale = len(rollouts) * self.world / max(total, 1)
@@ -264,6 +282,9 @@ class Learner:
         }  # fmt: skip
         for n, name in enumerate(names):
             metrics[f"{rs.REWARD_PREFIX}{name}"] = float(rewards[:, n].mean()) if len(rollouts) else 0.0
+        metrics |= {name: float(x) for name, x in out.extras.items()}  # the objective's options that are on
+        if o.support == "teacher_top_p":
+            metrics["support_size"] = mean_support_size(batch)
         return metrics
 
     # -- checkpoint, metrics, loop -----------------------------------------------------------------
@@ -310,6 +331,38 @@ class Learner:
             "teacher_latency_s": latency / calls if calls > 0 else 0.0,  # mean Score call since the last step
             "reward_timeouts": producer.get("reward_timeouts", 0.0),  # cumulative over the run
         }
+
+    @torch.no_grad()
+    def _observe_entropy(self, batch: ObjectiveBatch) -> None:
+        """Mean per-token entropy of the student over the batch's response tokens, all ranks
+        together, for the length curriculum (seed 003). Row by row: one (T, V) softmax at a time."""
+        if self.spec.sampling.length_curriculum is None:
+            return
+        total = entropy_sum(batch.logits, batch.mask)
+        if self.world > 1:
+            dist.all_reduce(total)
+        self._entropy = float(total[0] / total[1].clamp(min=1))
+
+    def _rollout_option_metrics(self, batch: Batch) -> dict[str, float]:
+        """Metrics of the rollout-side run options that are on; advances the length curriculum."""
+        assert self.client is not None
+        s, out = self.spec.sampling, {}
+        if s.on_policy_fraction != ConstantSchedule(kind="constant", value=1.0):  # seed 002 ch. 4
+            refs = [m.rollout.from_reference for m in batch.rollouts]
+            out["on_policy_fraction"] = min(1.0, s.on_policy_fraction.at(self.step))
+            out["reference_share"] = sum(refs) / max(len(refs), 1)
+        if s.max_perplexity is not None:  # seed 002 ch. 7, cumulative producer counters of the run
+            raw = self.client.hgetall(keys.producer_counters(self.cfg.run_id))
+            counters = {_text(k): float(v) for k, v in raw.items()}
+            for name in ("rejected_flawed", "flawed_kept"):
+                out[name] = counters.get(name, 0.0)
+        lc = s.length_curriculum
+        if lc is not None:  # seed 003
+            out["student_entropy"] = self._entropy
+            out["max_new_tokens"] = float(
+                run_state.advance_length(self.client, self.cfg.run_id, lc, self._entropy, self.step)
+            )
+        return out
 
     def _boundary(self) -> tuple[rs.Desired, bool]:
         """Begin the next step: read stop requests and λ schedules (rank 0), share them with
@@ -358,6 +411,7 @@ class Learner:
         if self.step % self.spec.checkpoint_interval == 0:
             self._checkpoint()
         metrics |= self._queue_metrics(batch)
+        metrics |= self._rollout_option_metrics(batch)
         metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics |= {"step": float(self.step), "gamma": self.spec.objective.gamma}
         metrics |= self.data_wait.close_step()
@@ -400,6 +454,18 @@ class Learner:
                     self.client, self.cfg.run_id, rs.Command.FAIL, error=f"{type(err).__name__}: {err}"
                 )
             raise
+
+
+@torch.no_grad()
+def entropy_sum(logits: Tensor, mask: Tensor) -> Tensor:
+    """(Σ_t H(π_θ(·|ctx_t)), #tokens) over the masked positions of (B, T, V) logits, float64,
+    one row's (T, V) softmax at a time (the length curriculum's gate, seed 003)."""
+    total = torch.zeros(2, dtype=torch.float64, device=logits.device)
+    for row, keep in zip(logits, mask.to(logits.device), strict=True):
+        lp = torch.log_softmax(row[keep].float(), dim=-1)
+        total[0] -= (lp.exp() * lp).sum().double()
+        total[1] += int(keep.sum())
+    return total
 
 
 @contextlib.contextmanager

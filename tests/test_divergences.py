@@ -227,7 +227,7 @@ def test_target_logprobs_without_teacher() -> None:
 
 
 def test_registry_lists_valid_names_on_unknown() -> None:
-    assert divergence_names() == ["forward_kl", "jsd", "reverse_kl"]
+    assert divergence_names() == ["forward_kl", "jsd", "kl_mix", "reverse_kl"]
     with pytest.raises(DivergenceError) as info:
         get_divergence("tvd")
     for name in ("forward_kl", "jsd", "reverse_kl"):

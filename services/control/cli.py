@@ -8,7 +8,7 @@
     distill verifiers add NAME --kind K [--address A | --url U] | verifiers list
     distill plot ID [--out FILE]       PNG of KL, rewards and λ over steps
     distill up [--teacher NAME=PATH]   the whole platform as local child processes, until Ctrl-C
-    distill demo                       a complete distillation on tiny models, with a plot
+    distill demo                       train a teacher on addition, distill a student, with plots
 
 ``--api`` / ``DISTILL_API_URL`` and ``--token`` / ``DISTILL_TOKEN`` pick the server. Errors print
 the server's problem detail and exit 1. ``distill run`` exits 0 when the run succeeds, 1 when it
@@ -299,14 +299,23 @@ def up(
 @app.command()
 def demo(
     work_dir: Annotated[Path, typer.Option(help="models, runs, logs and the plot")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 60,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = DemoConfig.steps,
     port: Annotated[int, typer.Option(help="control plane port")] = 8000,
+    teacher_budget_s: Annotated[float, typer.Option(min=1, help="teacher training time cap (first run)")] = (
+        DemoConfig.teacher_budget_s
+    ),
+    student_warmup_steps: Annotated[int, typer.Option(min=1, help="student warm-up (first run)")] = (
+        DemoConfig.student_warmup_steps
+    ),
+    eval_count: Annotated[int, typer.Option(min=1, help="held-out problems per length")] = (
+        DemoConfig.eval_count
+    ),
 ) -> None:
-    """A complete distillation on tiny offline models through the whole local stack, with a plot."""
+    """Train a teacher on addition (cached), then distill a student through the local stack, with plots."""
+    cfg = DemoConfig(work_dir, steps, port, teacher_budget_s=teacher_budget_s,
+                     student_warmup_steps=student_warmup_steps, eval_count=eval_count)  # fmt: skip
     try:
-        code = run_demo(
-            DemoConfig(work_dir, steps, port), lambda client, run_id: _follow(client, run_id, 0.5)
-        )
+        code = run_demo(cfg, lambda client, run_id: _follow(client, run_id, 0.5))
     except (StackError, ApiError, ApiUnreachable) as exc:
         raise _fail(exc) from exc
     raise typer.Exit(code)

@@ -1,10 +1,11 @@
-"""``distill demo``: a complete distillation on the local stack, with nothing to download.
+"""``distill demo``: a complete on-policy distillation with a verifiable reward, on a CPU.
 
-Builds a tiny teacher and a smaller student that share a tokenizer (random weights, saved
-offline), a prompt set with a verifiable answer, starts the whole platform (``LocalStack``),
-registers the teacher, submits a hybrid run (dense KL to the teacher + a regex reward through
-the sparse term, λ on a linear schedule), follows it with a progress bar, and ends with the
-first and last step's KL and reward and a PNG of both over steps.
+The task is multi-digit addition (:mod:`services.control.arithmetic`). The demo trains a small
+teacher on it (cached: a rerun skips it), warms up a narrower student, measures the student's
+held-out exact match, starts the whole platform (``LocalStack``), registers the teacher and runs
+one hybrid distillation (reverse KL to the teacher on the full vocabulary + the exact-answer
+reward of the reward service through the sparse term), then measures the student again and
+writes two PNGs: the run's curves and the accuracy per answer length before and after.
 """
 
 from __future__ import annotations
@@ -16,39 +17,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.control.arithmetic import write_dataset
 from services.control.client import ApiClient
-from services.control.demo_models import VOCAB
-from services.control.plot import plot_run
+from services.control.plot import plot_accuracy, plot_run
 from services.control.stack import LocalStack, StackConfig
+
+TEACHER_NAME = "adder"
+# The whole response is the answer (by default exact_match looks for \\boxed{} or "Answer:").
+VERIFIERS = "verifiers:\n  - {kind: builtin, name: answer, builtin: exact_match, options: {extract: none}}\n"
+EVAL_LENGTHS = (2, 4, 6, 8)  # operand digits; the answer has one more
 
 
 @dataclass
 class DemoConfig:
     work_dir: Path = Path("runs/demo")
-    steps: int = 60
+    steps: int = 300
     api_port: int = 8000
-    workers: int = 1
+    teacher_budget_s: float = 270.0  # the teacher stops training early once it reaches 97%
+    student_warmup_steps: int = 60
+    eval_count: int = 200  # held-out problems per answer length
 
 
-def _models(work: Path) -> tuple[Path, Path]:
-    """Teacher (trained to count) and student (random, narrower), built once, reused later."""
-    teacher, student = work / "models" / "teacher", work / "models" / "student"
-    for path, role in ((teacher, "teacher"), (student, "student")):
-        if not (path / "config.json").exists():
-            cmd = [sys.executable, "-m", "services.control.demo_models", str(path), "--role", role]
-            subprocess.run(cmd, check=True, capture_output=True)
+def _models_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.control.arithmetic_models", *args]
+
+
+def build_models(cfg: DemoConfig) -> tuple[Path, Path]:
+    """The cached teacher and warmed-up student (built on first use; training shows progress)."""
+    teacher, student = cfg.work_dir / "models" / "teacher", cfg.work_dir / "models" / "student"
+    if not (teacher / "config.json").exists():
+        budget = f"{cfg.teacher_budget_s:g}"
+        print(f"training the teacher on addition (at most {budget} s; cached for reruns) ...", flush=True)
+        subprocess.run(_models_cmd("teacher", str(teacher), "--budget-s", budget), check=True)
+    if not (student / "config.json").exists():
+        print("warming up the student ...", flush=True)
+        steps = str(cfg.student_warmup_steps)
+        subprocess.run(_models_cmd("student", str(student), "--steps", steps), check=True)
     return teacher, student
 
 
-def _dataset(work: Path) -> Path:
-    """Counting prompts of three words; the reward asks for the next word anywhere in the response."""
-    path = work / "prompts.jsonl"
-    words = [f"w{i}" for i in range(VOCAB - 4)]
-    with path.open("w") as out:
-        for i in range(len(words) - 3):
-            prompt = " ".join(words[i : i + 3])
-            out.write(json.dumps({"prompt": prompt, "pattern": rf"\b{words[i + 3]}\b"}) + "\n")
-    return path
+def evaluate(model: Path, count: int, checkpoints: Path | None = None) -> dict[int, float]:
+    """Held-out greedy exact match per operand length, in a child process (torch stays out of here)."""
+    extra = ["--checkpoints", str(checkpoints)] if checkpoints else []
+    lengths = [str(n) for n in EVAL_LENGTHS]
+    cmd = _models_cmd("eval", str(model), "--count", str(count), "--lengths", *lengths, *extra)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
 
 def run_spec(student: Path, dataset: Path, steps: int) -> dict[str, Any]:
@@ -56,50 +70,74 @@ def run_spec(student: Path, dataset: Path, steps: int) -> dict[str, Any]:
         "name": "demo",
         "student": str(student.resolve()),
         "dataset": str(dataset.resolve()),
-        "teachers": [{"name": "tiny-teacher", "weight": 1.0}],
-        "rewards": [{"name": "regex", "verifier": "regex",
-                     "schedule": {"kind": "linear", "lambda0": 0.1, "alpha": 0.05}}],
+        "teachers": [{"name": TEACHER_NAME, "weight": 1.0}],
+        "rewards": [{"name": "answer", "verifier": "answer",
+                     "schedule": {"kind": "constant", "value": 1.0}}],
         "objective": {"gamma": 0.0, "support": "full", "baseline": "leave_one_out"},
-        "sampling": {"responses_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 8},
-        "optimizer": {"lr": 1e-2},
-        "steps": steps, "checkpoint_interval": 10, "max_staleness": 1,
+        "sampling": {"responses_per_prompt": 4, "prompts_per_step": 8, "max_new_tokens": 10},
+        "optimizer": {"lr": 1e-3},
+        "steps": steps, "checkpoint_interval": 25, "max_staleness": 1,
     }  # fmt: skip
 
 
-def _summary(points: list[dict[str, Any]]) -> str:
-    first, last = points[0]["values"], points[-1]["values"]
-    return (
-        f"dense KL to the teacher: {first['dense_kl']:.4f} (step 1) -> {last['dense_kl']:.4f} "
-        f"(step {int(points[-1]['step'])})\n"
-        f"mean reward:             {first['reward/regex']:.3f} (step 1) -> {last['reward/regex']:.3f}"
-    )
+def accuracy_table(rows: dict[str, dict[int, float]]) -> str:
+    header = "held-out exact match   " + " ".join(f"{n:>2}-digit".rjust(8) for n in EVAL_LENGTHS)
+    lines = [header]
+    for name, acc in rows.items():
+        lines.append(f"{name:<23}" + " ".join(f"{acc[n]:>8.1%}" for n in EVAL_LENGTHS))
+    return "\n".join(lines)
+
+
+def stack_config(work: Path, teacher: Path, port: int, **extra: Any) -> StackConfig:
+    """The local stack serving ``teacher`` and the demo's exact-answer verifier ``answer``."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "verifiers.yaml").write_text(VERIFIERS)
+    return StackConfig(work, {TEACHER_NAME: teacher}, port, verifiers_file=work / "verifiers.yaml", **extra)
+
+
+def _distill(cfg: DemoConfig, teacher: Path, student: Path, follow: Any) -> tuple[str, list[dict[str, Any]]]:
+    dataset = write_dataset(cfg.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
+    stack = LocalStack(stack_config(cfg.work_dir, teacher, cfg.api_port))
+    print(f"starting the local stack (logs in {cfg.work_dir / 'logs'}) ...", flush=True)
+    try:
+        stack.start()
+        with ApiClient(stack.api_url, stack.cfg.token) as client:
+            address = stack.teacher_addresses[TEACHER_NAME]
+            client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+            run_id = client.create_run(run_spec(student, dataset, cfg.steps))["id"]
+            final = follow(client, run_id)
+            points = client.metrics(run_id)
+    finally:
+        stack.stop()
+    if final["status"] != "succeeded" or not points:
+        raise RuntimeError(f"run {run_id} ended {final['status']}: {final.get('error', '')}")
+    return run_id, points
+
+
+def _trend(points: list[dict[str, Any]], key: str, label: str, window: int = 10) -> str:
+    """Mean of ``key`` over the first and the last ``window`` steps (one step's batch is noisy)."""
+    known = [v for p in points if p.get("step") is not None and (v := p["values"].get(key)) is not None]
+    n = min(window, len(known))
+    head, tail = sum(known[:n]) / max(n, 1), sum(known[len(known) - n :]) / max(n, 1)
+    return f"{label}: {head:.3f} (mean of the first {n} steps) -> {tail:.3f} (of the last {n})"
 
 
 def run_demo(cfg: DemoConfig, follow: Any) -> int:
     """Run the demo; ``follow(client, run_id)`` shows progress and returns the final run state."""
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
-    print("building the tiny teacher and student ...", flush=True)
-    teacher, student = _models(cfg.work_dir)
-    dataset = _dataset(cfg.work_dir)
-    stack = LocalStack(StackConfig(cfg.work_dir, {"tiny-teacher": teacher}, cfg.api_port, cfg.workers))
-    print(f"starting the local stack (logs in {cfg.work_dir / 'logs'}) ...", flush=True)
+    teacher, student = build_models(cfg)
+    print("measuring the teacher and the student on held-out problems ...", flush=True)
+    rows = {"teacher": evaluate(teacher, cfg.eval_count), "student before": evaluate(student, cfg.eval_count)}
     try:
-        stack.start()
-        with ApiClient(stack.api_url, stack.cfg.token) as client:
-            client.request(
-                "POST",
-                "/v1/teachers",
-                json={"name": "tiny-teacher", "address": stack.teacher_addresses["tiny-teacher"]},
-            )
-            run_id = client.create_run(run_spec(student, dataset, cfg.steps))["id"]
-            final = follow(client, run_id)
-            points = client.metrics(run_id)
-        if final["status"] != "succeeded" or not points:
-            print(f"run {run_id} ended {final['status']}: {final.get('error', '')}", file=sys.stderr)
-            return 1
-        png = plot_run(run_id, points, cfg.work_dir / "demo.png")
-        print(_summary(points))
-        print(f"plot: {png}")
-        return 0
-    finally:
-        stack.stop()
+        run_id, points = _distill(cfg, teacher, student, follow)
+    except RuntimeError as exc:
+        print(f"{exc}; see the logs in {cfg.work_dir / 'logs'}", file=sys.stderr)
+        return 1
+    rows["student after"] = evaluate(student, cfg.eval_count, cfg.work_dir / "runs" / run_id / "checkpoints")
+    curves = plot_run(run_id, points, cfg.work_dir / "demo.png")
+    bars = plot_accuracy(rows, cfg.work_dir / "accuracy.png")
+    print(accuracy_table(rows))
+    print(_trend(points, "dense_kl", "dense KL to the teacher"))
+    print(_trend(points, "reward/answer", "exact-answer reward (samples at temperature 1)"))
+    print(f"plots: {curves} {bars}")
+    return 0

@@ -55,3 +55,27 @@ def plot_run(run_id: str, points: list[dict[str, Any]], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_accuracy(rows: dict[str, dict[int, float]], out: Path) -> Path:
+    """Grouped bars: held-out exact match per answer length, one bar per model (row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({n for acc in rows.values() for n in acc})
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, acc) in enumerate(rows.items()):
+        xs = [j + i * width for j in range(len(lengths))]
+        ax.bar(xs, [acc.get(n, 0.0) for n in lengths], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n}-digit" for n in lengths])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out exact match")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -47,6 +47,8 @@ class StackConfig:
     workers: int = 1  # rollout worker processes
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # API bearer token
     grace_s: float = 30.0  # how long a child may take to stop after SIGTERM
+    learner_args: tuple[str, ...] = ()  # extra `python -m learner` flags, e.g. --keep-checkpoints
+    verifiers_file: Path | None = None  # the reward service's extra verifiers (services/reward/config.py)
 
 
 @dataclass
@@ -117,7 +119,8 @@ class LocalStack:
             self.teacher_addresses[name] = self._grpc(
                 f"teacher-{name}", "services.teacher", ["--model", str(model)]
             )
-        self.reward_address = self._grpc("reward", "services.reward", [])
+        verifiers = ["--verifiers", str(self.cfg.verifiers_file)] if self.cfg.verifiers_file else []
+        self.reward_address = self._grpc("reward", "services.reward", verifiers)
         control = self._spawn(
             "control", "services.control",
             ["--port", str(self.cfg.api_port), "--redis-url", self.redis.url, "--reward-address",
@@ -125,11 +128,22 @@ class LocalStack:
             {"DISTILL_API_TOKEN": self.cfg.token},
         )  # fmt: skip
         self._wait(control, self._api_healthy)
-        self._spawn("learner", "learner", ["--runs-dir", str(work / "runs"), "--poll-s", "0.5"], env)
+        learner_args = ["--runs-dir", str(work / "runs"), "--poll-s", "0.5", *self.cfg.learner_args]
+        self._spawn("learner", "learner", learner_args, env)
         for i in range(self.cfg.workers):
             args = ["--reward-address", self.reward_address, "--poll-s", "0.5", "--worker-id", f"worker-{i}"]
             self._spawn(f"worker-{i}", "services.rollout", args, env)
         return self
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # the children already started must not outlive a failed start
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def check_alive(self) -> None:
         """Raise StackError naming a child that died."""

@@ -43,3 +43,16 @@ def load_dataset(path: Path) -> list[Prompt]:
     if not prompts:
         raise DatasetError(f"dataset: {path} has no prompts")
     return prompts
+
+
+def require_reference(prompts: list[Prompt], field: str) -> None:
+    """Every prompt has a non-empty ``field``: the reference responses of sampling.on_policy_fraction.
+
+    Checked when the run is loaded, so that a missing reference stops the worker before any
+    prompt is leased instead of failing one group at a time.
+    """
+    for index, prompt in enumerate(prompts):
+        if not prompt.reference.get(field, "").strip():
+            raise DatasetError(
+                f"prompt {index}.{field}: sampling.reference_field names it, a non-empty text is required"
+            )

@@ -3,15 +3,25 @@
 For every sampled response this keeps the response token ids, the behaviour log-prob of each
 sampled token (at the sampling temperature) and the student's top-K ids at each position (the
 dense support of seed 000, appendix B.2, when the run uses the student's top-K).
+
+The rollout-side run options decide here, as pure functions: which prompts get the dataset's
+reference response instead of samples (``on_policy_share``, ``from_reference``; GKD's λ, seed 002
+chapter 4), which samples are flawed (``perplexity``, ``split_flawed``; seed 002 chapter 7), and
+``teacher_forced`` records a reference response as the sampler records a sample.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
+
+from contracts.schedules import Schedule
 
 
 @dataclass
@@ -100,3 +110,61 @@ def sample(
             )
         )
     return samples
+
+
+def on_policy_share(schedule: Schedule, step: int) -> float:
+    """GKD's λ at learner ``step`` (seed 002 ch. 4): the share of prompts answered by the student.
+
+    Held at 1 where a rising schedule passes it (the run spec refuses schedules that start above 1).
+    """
+    return min(1.0, schedule.at(max(step, 0)))
+
+
+def from_reference(seed: int, prompt_id: int, attempt: int, share: float) -> bool:
+    """Whether this prompt's group is the dataset's reference response (GKD's coin, seed 002 ch. 4,
+    "with probability 1−λ, ... the ground-truth sequence from the dataset").
+
+    The coin is a hash of (run seed, prompt, attempt), uniform in [0, 1): every worker, and a retry
+    of the same lease, decides the same way; over many prompts the reference share is 1 − share.
+    """
+    digest = hashlib.blake2b(f"{seed}\x00{prompt_id}\x00{attempt}".encode(), digest_size=8).digest()
+    coin = int.from_bytes(digest, "big") / 2.0**64
+    return coin >= share
+
+
+def perplexity(behaviour_logprobs: np.ndarray) -> float:
+    """exp(mean −log π_old(y_t)) of one response under the student that sampled it (seed 002 ch. 7)."""
+    if behaviour_logprobs.size == 0:
+        return 1.0
+    return math.exp(-float(np.mean(behaviour_logprobs, dtype=np.float64)))
+
+
+def split_flawed(samples: Sequence[Sample], max_perplexity: float) -> tuple[list[Sample], list[Sample]]:
+    """(coherent, flawed): a response whose perplexity exceeds ``max_perplexity`` is flawed."""
+    kept = [s for s in samples if perplexity(s.behaviour_logprobs) <= max_perplexity]
+    flawed = [s for s in samples if perplexity(s.behaviour_logprobs) > max_perplexity]
+    return kept, flawed
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: PreTrainedModel, prompt_ids: list[int], response_ids: list[int], cfg: SamplingConfig
+) -> Sample:
+    """A given response recorded as ``sample`` records a sampled one: log π(y_t) at the sampling
+    temperature and the student's top-K ids at each position, from one forward pass."""
+    if not prompt_ids or not response_ids:
+        raise ValueError("teacher_forced: the prompt and the response need at least one token each")
+    device = next(model.parameters()).device
+    seq = torch.tensor([prompt_ids + response_ids], device=device)
+    logits = model(input_ids=seq).logits[0, len(prompt_ids) - 1 : -1].float().cpu()  # (T, V)
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    tokens = torch.tensor(response_ids)
+    top = logits.topk(cfg.record_top_k, dim=-1).indices if cfg.record_top_k else torch.empty((len(tokens), 0))
+    return Sample(
+        prompt_index=0,
+        group_index=0,
+        prompt_ids=list(prompt_ids),
+        response_ids=list(response_ids),
+        behaviour_logprobs=logprobs.gather(-1, tokens[:, None]).squeeze(-1).numpy().astype(np.float32),
+        top_k_ids=top.numpy().astype(np.int32),
+    )

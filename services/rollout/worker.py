@@ -4,7 +4,9 @@ One loop per process (``python -m services.rollout --run-id ID``)::
 
     lease a prompt (waits while the learner lags: backpressure)
     → reload the student if the learner published newer weights
-    → sample K responses (a services.rollout.sampler: hf or vllm), with the student's top-K ids
+    → sample K responses (a services.rollout.sampler: hf or vllm), with the student's top-K ids;
+      or, for the share 1 − sampling.on_policy_fraction of prompts, K copies of the dataset's
+      reference response; flawed samples (sampling.max_perplexity) are dropped and resampled
     → ask every teacher of the run concurrently, then the reward service
     → publish the K records as one group (all or nothing, idempotent)
 
@@ -16,6 +18,7 @@ keeps its prompt and a dead one's prompt is handed to another worker when the le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -31,13 +34,22 @@ from contracts import keys, runstate
 from contracts.rollout_record import Reward as RecordReward
 from contracts.rollout_record import TeacherArrays, build_rollout
 from contracts.runspec import RunSpec
+from contracts.schedules import ConstantSchedule
 from proto.distill.v1 import reward_pb2, rollout_pb2
 from services.reward.client import RewardClient
 from services.reward.domain import Item, Status
-from services.rollout.dataset import Prompt, load_dataset
+from services.rollout.dataset import Prompt, load_dataset, require_reference
 from services.rollout.queue import LeaseLost, ProducerConfig, PromptLease, RolloutProducer
-from services.rollout.sampler import Sampler, make_sampler
-from services.rollout.sampling import Sample, SamplingConfig
+from services.rollout.sampler import HfSampler, Sampler, make_sampler
+from services.rollout.sampling import (
+    Sample,
+    SamplingConfig,
+    from_reference,
+    on_policy_share,
+    perplexity,
+    split_flawed,
+    teacher_forced,
+)
 from services.rollout.vllm_sampling import VllmSamplerConfig
 from services.teacher.client import TeacherClient, make_item, score_all
 from services.teacher.domain import ItemScores, TeacherError
@@ -85,6 +97,21 @@ class _Run:
     rewards: RewardClient | None = None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one leased prompt is answered, decided once per lease (a retried group keeps it)."""
+
+    reference: bool  # K copies of the dataset's reference response instead of student samples
+    max_new_tokens: int  # the length limit in effect (the length curriculum's, when it is on)
+
+
+_ALL_ON_POLICY = ConstantSchedule(kind="constant", value=1.0)
+
+
+def _uses_reference(spec: RunSpec) -> bool:
+    return spec.sampling.on_policy_fraction != _ALL_ON_POLICY
+
+
 def _support_needs_student_top_k(spec: RunSpec) -> bool:
     return bool(spec.teachers) and spec.objective.support in ("student_top_k", "union")
 
@@ -114,10 +141,22 @@ class RolloutWorker:
             raise RuntimeError(f"run {self.cfg.run_id}: no spec in Redis; create the run first")
         spec = RunSpec.model_validate_json(raw)
         run = _Run(spec, load_dataset(Path(spec.dataset)))
+        if _uses_reference(spec):
+            require_reference(run.prompts, spec.sampling.reference_field)
         tokenizer = AutoTokenizer.from_pretrained(spec.student)
         sampler = await asyncio.to_thread(
             make_sampler, self.cfg.sampler, spec.student, self.cfg.device, self.cfg.vllm
         )
+        if (
+            _uses_reference(spec)
+            and _support_needs_student_top_k(spec)
+            and not isinstance(sampler, HfSampler)
+        ):
+            # The student's top-K on a given response needs a forward pass that only the hf sampler offers.
+            raise RuntimeError(
+                "sampling.on_policy_fraction: reference responses with the student's top-K support "
+                f"need --sampler hf (this worker runs {self.cfg.sampler!r})"
+            )
         student = _Student(sampler, tokenizer)
         expected = fingerprint(tokenizer)
         for ref in spec.teachers:
@@ -150,13 +189,13 @@ class RolloutWorker:
         student.version = int(version)
         log.info("loaded policy version %d", student.version)
 
-    def _sampling(self, spec: RunSpec, student: _Student) -> SamplingConfig:
+    def _sampling(self, spec: RunSpec, student: _Student, max_new_tokens: int) -> SamplingConfig:
         s = spec.sampling
         tok = student.tokenizer
         return SamplingConfig(
             responses_per_prompt=s.responses_per_prompt,
             temperature=s.temperature,
-            max_new_tokens=s.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             record_top_k=spec.objective.top_k if _support_needs_student_top_k(spec) else 0,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
@@ -169,7 +208,9 @@ class RolloutWorker:
             make_item(s.prompt_ids + s.response_ids, len(s.prompt_ids), _candidates(run.spec, s, vocab))
             for s in samples
         ]
-        top_k = run.spec.objective.top_k if run.spec.objective.support in ("teacher_top_k", "union") else 1
+        # The teacher's top-K: the support itself, or the list SelecTKD's greedy_top_k checks against.
+        asks = run.spec.objective.support in ("teacher_top_k", "union", "teacher_top_p")
+        top_k = run.spec.objective.top_k if asks or run.spec.objective.selective == "greedy_top_k" else 1
         started = time.monotonic()
         scores = await score_all(run.teachers, items, top_k=top_k, dtype="float32")
         await self._count(teacher_latency_s_sum=time.monotonic() - started, teacher_calls=1)
@@ -178,7 +219,7 @@ class RolloutWorker:
     async def _count(self, **values: float) -> None:
         """Add to the run's producer counters (the learner turns them into per-step metrics)."""
         key = keys.producer_counters(self.cfg.run_id)
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=True) as pipe:  # a reader sees all or none
             for name, value in values.items():
                 pipe.hincrbyfloat(key, name, value)
             await pipe.execute()
@@ -199,37 +240,106 @@ class RolloutWorker:
             for item in results
         ]  # fmt: skip
 
-    async def _group(self, run: _Run, student: _Student, lease: PromptLease) -> list[rollout_pb2.Rollout]:
+    async def _plan(self, spec: RunSpec, lease: PromptLease) -> _Plan:
+        """Reference or samples, and the length limit, for this lease (read from Redis once)."""
+        reference = False
+        if _uses_reference(spec):
+            step = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "step")
+            share = on_policy_share(spec.sampling.on_policy_fraction, int(_text(step)) if step else 0)
+            reference = from_reference(spec.seed, lease.prompt_id, lease.attempt, share)
+        return _Plan(reference, await self._max_new_tokens(spec))
+
+    async def _max_new_tokens(self, spec: RunSpec) -> int:
+        """sampling.max_new_tokens, or the length curriculum's current limit (the learner sets it)."""
+        lc = spec.sampling.length_curriculum
+        if lc is None:
+            return spec.sampling.max_new_tokens
+        raw = await self.client.hget(keys.length_curriculum(self.cfg.run_id), "max_new_tokens")
+        return min(max(int(_text(raw)), 1), lc.max) if raw is not None else lc.start
+
+    async def _draw(self, student: _Student, prompt_ids: list[int], cfg: SamplingConfig) -> list[Sample]:
+        seed = int(self.rng.integers(2**31))
+        return await asyncio.to_thread(student.sampler.sample, [prompt_ids], cfg, seed)
+
+    async def _samples(self, spec: RunSpec, student: _Student, prompt_ids: list[int],
+                       cfg: SamplingConfig) -> list[Sample]:  # fmt: skip
+        """K student samples; with sampling.max_perplexity, flawed ones are dropped and resampled
+        (seed 002 ch. 7) for at most max_resamples rounds. When the bound is hit, the least flawed
+        of the dropped samples fill the group (a group is K responses) and are counted."""
+        samples = await self._draw(student, prompt_ids, cfg)
+        limit, want = spec.sampling.max_perplexity, cfg.responses_per_prompt
+        if limit is None:
+            return samples
+        kept, flawed = split_flawed(samples, limit)
+        for _ in range(spec.sampling.max_resamples):
+            if len(kept) == want:
+                break
+            more = await self._draw(
+                student, prompt_ids, dataclasses.replace(cfg, responses_per_prompt=want - len(kept))
+            )
+            ok, bad = split_flawed(more, limit)
+            kept, flawed = kept + ok, flawed + bad
+        short = want - len(kept)
+        flawed.sort(key=lambda x: perplexity(x.behaviour_logprobs))
+        kept += flawed[:short]
+        if flawed:
+            await self._count(rejected_flawed=len(flawed) - short, flawed_kept=short)
+        return kept
+
+    async def _reference(self, run: _Run, student: _Student, prompt: Prompt, prompt_ids: list[int],
+                         cfg: SamplingConfig) -> Sample:  # fmt: skip
+        """The dataset's reference response (reference_field, tokenized on its own, + EOS, cut at the
+        length limit like a sample), recorded by a teacher-forced pass of the student when the
+        sampler can run one (the hf sampler; _load_run refuses a support that needs it otherwise)."""
+        text = prompt.reference[run.spec.sampling.reference_field]
+        ids = list(student.tokenizer.encode(text, add_special_tokens=False))
+        if cfg.eos_token_id is not None:
+            ids.append(cfg.eos_token_id)
+        ids = ids[: cfg.max_new_tokens]
+        if not ids:
+            raise ValueError(f"{run.spec.sampling.reference_field}: {text!r} has no tokens")
+        if isinstance(student.sampler, HfSampler):
+            return await asyncio.to_thread(teacher_forced, student.sampler.model, prompt_ids, ids, cfg)
+        empty = np.zeros((len(ids), 0), np.int32)
+        return Sample(0, 0, list(prompt_ids), ids, np.zeros(0, np.float32), empty)
+
+    async def _group(
+        self, run: _Run, student: _Student, lease: PromptLease, plan: _Plan
+    ) -> list[rollout_pb2.Rollout]:
         spec, prompt = run.spec, run.prompts[lease.dataset_index]
         prompt_ids = student.tokenizer.encode(prompt.text)
-        seed = int(self.rng.integers(2**31))
-        samples = await asyncio.to_thread(
-            student.sampler.sample, [prompt_ids], self._sampling(spec, student), seed
-        )
+        cfg = self._sampling(spec, student, plan.max_new_tokens)
+        if plan.reference:  # scored once, published as the group's K identical members
+            samples = [await self._reference(run, student, prompt, prompt_ids, cfg)]
+        else:
+            samples = await self._samples(spec, student, prompt_ids, cfg)
         vocab = student.sampler.vocab_size
         texts = [str(student.tokenizer.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
         scores, rewards = await asyncio.gather(
             self._scores(run, samples, vocab), self._rewards(run, prompt, texts)
         )
+        k = spec.sampling.responses_per_prompt
+        sources = [0] * k if plan.reference else list(range(k))  # group member -> scored sample
         return [
             build_rollout(
                 run_id=self.cfg.run_id,
                 prompt_id=lease.prompt_id,
-                group_index=s.group_index,
-                group_size=spec.sampling.responses_per_prompt,
+                group_index=g,
+                group_size=k,
                 attempt=lease.attempt,
                 dataset_index=lease.dataset_index,
                 policy_version=max(student.version, 0),
-                token_ids=np.asarray(s.prompt_ids + s.response_ids, np.int32),
-                response_start=len(s.prompt_ids),
-                sampled_logprobs=s.behaviour_logprobs,
-                student_top_ids=_candidates(spec, s, vocab) if spec.teachers else None,
+                token_ids=np.asarray(samples[i].prompt_ids + samples[i].response_ids, np.int32),
+                response_start=len(samples[i].prompt_ids),
+                sampled_logprobs=samples[i].behaviour_logprobs,
+                student_top_ids=_candidates(spec, samples[i], vocab) if spec.teachers else None,
                 teachers=[_teacher_arrays(name, scores[name][i]) for name in scores],
                 rewards=rewards[i],
                 worker_id=self.cfg.worker_id,
                 created_unix=time.time(),
+                from_reference=plan.reference,
             )
-            for i, s in enumerate(samples)
+            for g, i in enumerate(sources)
         ]
 
     async def _keep_lease(self, producer: RolloutProducer, lease: PromptLease) -> None:
@@ -242,9 +352,10 @@ class RolloutWorker:
     ) -> None:
         keeper = asyncio.create_task(self._keep_lease(producer, lease))
         try:
+            plan = await self._plan(run.spec, lease)
             while True:
                 try:
-                    records = await self._group(run, student, lease)
+                    records = await self._group(run, student, lease, plan)
                     break
                 except (aio.AioRpcError, TeacherError, ConnectionError) as err:
                     # a teacher or the reward service is down: retry the whole group, publish nothing partial

@@ -7,7 +7,8 @@ writes a directory that ``python -m services.teacher --model OUT_DIR`` can serve
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -24,14 +25,21 @@ class TinySpec:
     tokenizer_salt: str = ""  # a different salt gives a tokenizer with another fingerprint
 
 
-def build_tiny_model(out_dir: Path, spec: TinySpec | None = None) -> Path:
-    """Save a random ``LlamaForCausalLM`` and a word-level tokenizer of ``spec.vocab_size`` ids."""
+def build_tiny_model(out_dir: Path, spec: TinySpec | None = None, words: Sequence[str] = ()) -> Path:
+    """Save a random ``LlamaForCausalLM`` and a word-level tokenizer of ``spec.vocab_size`` ids.
+
+    The tokenizer's words after the specials are ``words`` when given (then they set the vocab
+    size), else ``w0 w1 ...``.
+    """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     spec = spec or TinySpec()
-    words = [f"w{spec.tokenizer_salt}{i}" for i in range(spec.vocab_size - len(SPECIALS))]
+    if words:
+        spec = replace(spec, vocab_size=len(SPECIALS) + len(words))
+    else:
+        words = [f"w{spec.tokenizer_salt}{i}" for i in range(spec.vocab_size - len(SPECIALS))]
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

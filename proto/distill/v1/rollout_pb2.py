@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from proto.distill.v1 import reward_pb2 as proto_dot_distill_dot_v1_dot_reward__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/distill/v1/rollout.proto\x12\ndistill.v1\x1a\x1dproto/distill/v1/reward.proto\"\xd0\x01\n\x14RolloutTeacherScores\x12\x0f\n\x07teacher\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.distill.v1.ScoreDType\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0enum_candidates\x18\x04 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x05 \x01(\x0c\x12\x0f\n\x07top_ids\x18\x06 \x01(\x0c\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x0c\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x08 \x01(\x0c\"f\n\rRolloutReward\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.distill.v1.RewardStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xbf\x03\n\x07Rollout\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\x04\x12\x13\n\x0bgroup_index\x18\x05 \x01(\r\x12\x12\n\ngroup_size\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x15\n\rdataset_index\x18\x08 \x01(\x04\x12\x11\n\ttoken_ids\x18\t \x01(\x0c\x12\x16\n\x0eresponse_start\x18\n \x01(\r\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x04\x12\x18\n\x10sampled_logprobs\x18\x0c \x01(\x0c\x12\x15\n\rstudent_top_k\x18\r \x01(\r\x12\x17\n\x0fstudent_top_ids\x18\x0e \x01(\x0c\x12\x32\n\x08teachers\x18\x0f \x03(\x0b\x32 .distill.v1.RolloutTeacherScores\x12*\n\x07rewards\x18\x10 \x03(\x0b\x32\x19.distill.v1.RolloutReward\x12\x11\n\tworker_id\x18\x11 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x12 \x01(\x01*[\n\nScoreDType\x12\x1b\n\x17SCORE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13SCORE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13SCORE_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/distill/v1/rollout.proto\x12\ndistill.v1\x1a\x1dproto/distill/v1/reward.proto\"\xd0\x01\n\x14RolloutTeacherScores\x12\x0f\n\x07teacher\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.distill.v1.ScoreDType\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0enum_candidates\x18\x04 \x01(\r\x12\x16\n\x0etoken_logprobs\x18\x05 \x01(\x0c\x12\x0f\n\x07top_ids\x18\x06 \x01(\x0c\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x0c\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x08 \x01(\x0c\"f\n\rRolloutReward\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.distill.v1.RewardStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xd7\x03\n\x07Rollout\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\x04\x12\x13\n\x0bgroup_index\x18\x05 \x01(\r\x12\x12\n\ngroup_size\x18\x06 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x15\n\rdataset_index\x18\x08 \x01(\x04\x12\x11\n\ttoken_ids\x18\t \x01(\x0c\x12\x16\n\x0eresponse_start\x18\n \x01(\r\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x04\x12\x18\n\x10sampled_logprobs\x18\x0c \x01(\x0c\x12\x15\n\rstudent_top_k\x18\r \x01(\r\x12\x17\n\x0fstudent_top_ids\x18\x0e \x01(\x0c\x12\x32\n\x08teachers\x18\x0f \x03(\x0b\x32 .distill.v1.RolloutTeacherScores\x12*\n\x07rewards\x18\x10 \x03(\x0b\x32\x19.distill.v1.RolloutReward\x12\x11\n\tworker_id\x18\x11 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x12 \x01(\x01\x12\x16\n\x0e\x66rom_reference\x18\x13 \x01(\x08*[\n\nScoreDType\x12\x1b\n\x17SCORE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13SCORE_DTYPE_FLOAT32\x10\x01\x12\x17\n\x13SCORE_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.distill.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREDTYPE']._serialized_start=842
-  _globals['_SCOREDTYPE']._serialized_end=933
+  _globals['_SCOREDTYPE']._serialized_start=866
+  _globals['_SCOREDTYPE']._serialized_end=957
   _globals['_ROLLOUTTEACHERSCORES']._serialized_start=78
   _globals['_ROLLOUTTEACHERSCORES']._serialized_end=286
   _globals['_ROLLOUTREWARD']._serialized_start=288
   _globals['_ROLLOUTREWARD']._serialized_end=390
   _globals['_ROLLOUT']._serialized_start=393
-  _globals['_ROLLOUT']._serialized_end=840
+  _globals['_ROLLOUT']._serialized_end=864
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class RolloutReward(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., status: _Optional[_Union[_reward_pb2.RewardStatus, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("schema_version", "rollout_id", "run_id", "prompt_id", "group_index", "group_size", "attempt", "dataset_index", "token_ids", "response_start", "policy_version", "sampled_logprobs", "student_top_k", "student_top_ids", "teachers", "rewards", "worker_id", "created_unix")
+    __slots__ = ("schema_version", "rollout_id", "run_id", "prompt_id", "group_index", "group_size", "attempt", "dataset_index", "token_ids", "response_start", "policy_version", "sampled_logprobs", "student_top_k", "student_top_ids", "teachers", "rewards", "worker_id", "created_unix", "from_reference")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class Rollout(_message.Message):
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FROM_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     rollout_id: str
     run_id: str
@@ -87,4 +88,5 @@ class Rollout(_message.Message):
     rewards: _containers.RepeatedCompositeFieldContainer[RolloutReward]
     worker_id: str
     created_unix: float
-    def __init__(self, schema_version: _Optional[int] = ..., rollout_id: _Optional[str] = ..., run_id: _Optional[str] = ..., prompt_id: _Optional[int] = ..., group_index: _Optional[int] = ..., group_size: _Optional[int] = ..., attempt: _Optional[int] = ..., dataset_index: _Optional[int] = ..., token_ids: _Optional[bytes] = ..., response_start: _Optional[int] = ..., policy_version: _Optional[int] = ..., sampled_logprobs: _Optional[bytes] = ..., student_top_k: _Optional[int] = ..., student_top_ids: _Optional[bytes] = ..., teachers: _Optional[_Iterable[_Union[RolloutTeacherScores, _Mapping]]] = ..., rewards: _Optional[_Iterable[_Union[RolloutReward, _Mapping]]] = ..., worker_id: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    from_reference: bool
+    def __init__(self, schema_version: _Optional[int] = ..., rollout_id: _Optional[str] = ..., run_id: _Optional[str] = ..., prompt_id: _Optional[int] = ..., group_index: _Optional[int] = ..., group_size: _Optional[int] = ..., attempt: _Optional[int] = ..., dataset_index: _Optional[int] = ..., token_ids: _Optional[bytes] = ..., response_start: _Optional[int] = ..., policy_version: _Optional[int] = ..., sampled_logprobs: _Optional[bytes] = ..., student_top_k: _Optional[int] = ..., student_top_ids: _Optional[bytes] = ..., teachers: _Optional[_Iterable[_Union[RolloutTeacherScores, _Mapping]]] = ..., rewards: _Optional[_Iterable[_Union[RolloutReward, _Mapping]]] = ..., worker_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., from_reference: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,348 @@
+"""Distillation methods side by side on the demo's addition task (issue 8).
+
+Every method starts from the same warmed-up student and learns from the same teacher (the demo's,
+built and cached by ``distill demo``) for the same budget: ``steps`` optimizer steps of
+``prompts × responses`` sequences of at most ``max_new_tokens`` tokens, so the same number of
+sampled sequences (the table prints the tokens each actually used).
+
+- ``seq_kd``: off-policy sequence KD, SFT on teacher samples (Kim & Rush; seed 002 ch. 2).
+- ``token_kd``: off-policy token-level KD, forward KL to the teacher's full distribution on
+  teacher samples.
+- ``dense``: on-policy KD, γ=0 and no reward (seed 000, table 5.5).
+- ``hybrid``: γ=0 plus the exact-answer reward through the sparse term (the demo's run).
+- ``full_traj``: γ=1 plus the reward, the exact gradient of eq. 3 (Theorem 1).
+- ``pure_rl``: the reward alone, no teacher.
+- ``trl``: TRL's ``DistillationTrainer`` (on-policy, reverse KL), ``benchmarks.trl_baseline``.
+- the run options of issue 9 on top of ``hybrid`` (rows named after the option).
+
+Our on-policy methods run through the real local stack (embedded Redis, teacher and reward
+services, control plane, one learner and one rollout worker), one run after another; their wall
+time is from submission to the run's end. The off-policy ones and TRL run in this process.
+Held-out greedy exact match is measured on checkpoints along the way (the PNG) and at the end
+(the table, short = 2-digit and long = 8-digit operands); KL is the mean per-token
+KL(student ‖ teacher) on the final student's own samples of held-out prompts.
+
+    .venv/bin/python -m benchmarks.compare                       # all methods, ~30 min on 2 cores
+    .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from services.control import arithmetic_models as am
+from services.control.arithmetic import read_dataset, write_dataset
+from services.control.client import ApiClient
+from services.control.demo import EVAL_LENGTHS, TEACHER_NAME, DemoConfig, build_models, run_spec, stack_config
+from services.control.stack import LocalStack
+from services.rollout.sampling import SamplingConfig, sample
+
+SHORT, LONG = EVAL_LENGTHS[0], EVAL_LENGTHS[-1]
+TERMINAL = ("succeeded", "failed", "stopped")
+
+
+@dataclass
+class Budget:
+    steps: int = 150
+    prompts_per_step: int = 8
+    responses_per_prompt: int = 4
+    max_new_tokens: int = 10
+    lr: float = 1e-3
+    curve_points: int = 6  # accuracy measured this many times along each run
+    eval_count: int = 200  # held-out problems per length for the final table
+    seed: int = 0
+
+    @property
+    def eval_every(self) -> int:
+        return max(1, self.steps // self.curve_points)
+
+
+@dataclass
+class Result:
+    method: str
+    accuracy: dict[int, float]
+    kl: float
+    wall_s: float
+    student_tokens: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.student_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+
+def _spec(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            out[section][name] = value
+        else:
+            out[section] = value
+    return out
+
+
+def stack_specs(student: Path, dataset: Path, b: Budget) -> dict[str, dict[str, Any]]:
+    """Run specs of the methods that run on the platform, all derived from the demo's hybrid run."""
+    hybrid = run_spec(student, dataset, b.steps)
+    hybrid["sampling"] = {
+        "responses_per_prompt": b.responses_per_prompt,
+        "prompts_per_step": b.prompts_per_step,
+        "max_new_tokens": b.max_new_tokens,
+    }
+    hybrid["optimizer"] = {"lr": b.lr}
+    hybrid["checkpoint_interval"] = b.eval_every
+    hybrid["seed"] = b.seed
+    half = {"kind": "constant", "value": 0.5}
+    curriculum = {"start": 4, "step": 2, "gate": 0.3, "max": b.max_new_tokens}
+    return {
+        "dense": _spec(hybrid, rewards=[]),
+        "hybrid": hybrid,
+        "full_traj": _spec(hybrid, objective__gamma=1.0),
+        "pure_rl": _spec(hybrid, teachers=[]),
+        # issue 9's options, each on top of hybrid
+        "+prefix_mix": _spec(hybrid, sampling__on_policy_fraction=half),
+        "+kl_mix": _spec(hybrid, objective__divergence="kl_mix"),
+        "+token_importance": _spec(hybrid, objective__token_importance="weight"),
+        "+selectkd": _spec(hybrid, objective__selective="spec_k"),
+        "+flawed_reject": _spec(hybrid, sampling__max_perplexity=2.0),
+        "+top_p": _spec(hybrid, objective__support="teacher_top_p", objective__top_k=8),
+        "+length_curriculum": _spec(hybrid, sampling__length_curriculum=curriculum),
+    }
+
+
+OFFLINE = ("seq_kd", "token_kd")
+ORDER = ("seq_kd", "token_kd", "dense", "hybrid", "full_traj", "pure_rl", "trl")
+
+
+# -- measuring a student ---------------------------------------------------------------------------
+
+
+def _student(student_dir: Path, weights: Path | None) -> Any:
+    model = am.load(student_dir)
+    if weights is not None:
+        model.load_state_dict(safetensors.torch.load_file(weights))
+    return model
+
+
+def _mean(acc: dict[int, float]) -> float:
+    return sum(acc.values()) / len(acc)
+
+
+def finish(method: str, model: Any, teacher: Any, b: Budget, wall_s: float, tokens: int,
+           curve: list[tuple[int, float]]) -> Result:  # fmt: skip
+    acc = am.evaluate(model, EVAL_LENGTHS, b.eval_count)
+    kl = am.kl_to_teacher(model, teacher, EVAL_LENGTHS)
+    return Result(method, acc, kl, wall_s, tokens, curve)
+
+
+# -- off-policy KD, in this process ----------------------------------------------------------------
+
+
+def _teacher_batches(teacher: Any, prompts: list[str], b: Budget) -> Iterator[tuple[torch.Tensor, int]]:
+    """Per step: teacher samples of randomly drawn train prompts, (rows, prompt length), -1 padded.
+
+    Every prompt has the same length (operands are padded), so only responses need padding.
+    """
+    rng = random.Random(b.seed)
+    cfg = SamplingConfig(
+        responses_per_prompt=b.responses_per_prompt, temperature=1.0, max_new_tokens=b.max_new_tokens,
+        eos_token_id=am.EOS, pad_token_id=am.PAD,
+    )  # fmt: skip
+    for step in range(b.steps):
+        chosen = [am.encode(p) for p in rng.sample(prompts, b.prompts_per_step)]
+        samples = sample(teacher, chosen, cfg, b.seed * 100_003 + step)
+        width = max(len(s.response_ids) for s in samples)
+        rows = [s.prompt_ids + s.response_ids + [-1] * (width - len(s.response_ids)) for s in samples]
+        yield torch.tensor(rows), len(chosen[0])
+
+
+def offline_loss(
+    kind: str, student: Any, teacher: Any, rows: torch.Tensor, prompt_len: int
+) -> tuple[torch.Tensor, int]:
+    """Mean over response tokens of the SFT loss (seq_kd) or forward KL to the teacher (token_kd)."""
+    valid = rows >= 0
+    ids = rows.clamp(min=0)
+    target = valid[:, 1:].clone()
+    target[:, : prompt_len - 1] = False  # positions predicting prompt tokens carry no loss
+    s_lp = torch.log_softmax(student(input_ids=ids, attention_mask=valid.long()).logits[:, :-1].float(), -1)
+    if kind == "seq_kd":
+        per_token = -s_lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    else:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=valid.long()).logits[:, :-1].float()
+        t_lp = torch.log_softmax(t_logits, -1)
+        per_token = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    n = int(target.sum())
+    return per_token[target].sum() / max(n, 1), n
+
+
+def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[str], b: Budget) -> Result:
+    torch.manual_seed(b.seed)
+    teacher, student = am.load(teacher_dir).eval(), am.load(student_dir)
+    opt = torch.optim.AdamW(student.parameters(), lr=b.lr, weight_decay=0.0)
+    wall, tokens, curve = 0.0, 0, []
+    for step, (rows, prompt_len) in enumerate(_teacher_batches(teacher, prompts, b), 1):
+        started = time.perf_counter()
+        student.train()
+        loss, n = offline_loss(kind, student, teacher, rows, prompt_len)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        tokens += n
+        wall += time.perf_counter() - started  # teacher sampling is data preparation, not counted
+        if step % b.eval_every == 0 or step == b.steps:
+            curve.append((step, _mean(am.evaluate(student, EVAL_LENGTHS, 100))))
+    return finish(kind, student, teacher, b, wall, tokens, curve)
+
+
+# -- on-policy methods, through the local stack ----------------------------------------------------
+
+
+def _wait(client: ApiClient, run_id: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    shown = -1
+    while True:
+        state = client.get_run(run_id)
+        if state["step"] != shown and state["step"] % 10 == 0:
+            shown = state["step"]
+            progress(f"  step {shown}/{state['spec']['steps']}")
+        if state["status"] in TERMINAL:
+            return state
+        time.sleep(0.2)
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for d in sorted((run_dir / "checkpoints").glob("step-*")):
+        if (d / "model.safetensors").exists():
+            found.append((int(d.name.removeprefix("step-")), d / "model.safetensors"))
+    return found
+
+
+def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: Any, student_dir: Path,
+                 b: Budget, progress: Callable[[str], None]) -> Result:  # fmt: skip
+    with ApiClient(stack.api_url, stack.cfg.token) as client:
+        started = time.perf_counter()
+        run_id = client.create_run(spec)["id"]
+        final = _wait(client, run_id, progress)
+        wall = time.perf_counter() - started
+        points = client.metrics(run_id)
+    if final["status"] != "succeeded":
+        raise RuntimeError(f"{name}: run {run_id} ended {final['status']}: {final.get('error', '')}")
+    tokens = int(sum(p["values"].get("tokens") or 0 for p in points if p.get("step") is not None))
+    ckpts = _checkpoints(stack.cfg.work_dir / "runs" / run_id)
+    curve = [(step, _mean(am.evaluate(_student(student_dir, w), EVAL_LENGTHS, 100))) for step, w in ckpts]
+    return finish(name, _student(student_dir, ckpts[-1][1]), teacher, b, wall, tokens, curve)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def table(results: list[Result]) -> str:
+    head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit | KL to teacher "
+            "| wall s | student tokens | tokens/s |")  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.method} | {r.accuracy[SHORT]:.1%} | {r.accuracy[LONG]:.1%} | {r.kl:.4f} "
+                     f"| {r.wall_s:.1f} | {r.student_tokens} | {r.tokens_per_s:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], start: float, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        steps, acc = zip(*[(0, start), *r.curve], strict=True)
+        ax.plot(steps, acc, marker="o", label=r.method)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"held-out exact match (mean of {', '.join(map(str, EVAL_LENGTHS))}-digit)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_trl_method(teacher_dir: Path, student_dir: Path, train: Path, work: Path, b: Budget) -> Result:
+    from benchmarks.trl_baseline import run_trl
+
+    out = run_trl(teacher_dir, student_dir, train, work / "trl", steps=b.steps,
+                  prompts_per_step=b.prompts_per_step, responses_per_prompt=b.responses_per_prompt,
+                  max_new_tokens=b.max_new_tokens, lr=b.lr, eval_every=b.eval_every,
+                  eval_lengths=EVAL_LENGTHS, seed=b.seed)  # fmt: skip
+    accuracy = {int(k): float(v) for k, v in out["accuracy"].items()}
+    curve = [(int(s), float(a)) for s, a in out["curve"]]
+    return Result("trl", accuracy, float(out["kl"]), float(out["wall_s"]), int(out["student_tokens"]), curve)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work-dir", type=Path, default=Path("runs/compare"))
+    p.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's cached models")
+    p.add_argument("--methods", default="all", help="comma-separated names (default: all)")
+    p.add_argument("--steps", type=int, default=Budget.steps)
+    p.add_argument("--port", type=int, default=8100)
+    a = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    b = Budget(steps=a.steps)
+    teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
+    train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
+    specs = stack_specs(student_dir, train, b)
+    names = list(ORDER) + [n for n in specs if n not in ORDER] if a.methods == "all" else a.methods.split(",")
+    unknown = [n for n in names if n not in (*OFFLINE, "trl", *specs)]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {[*OFFLINE, 'trl', *specs]}")
+    teacher = am.load(teacher_dir).eval()
+    start = _mean(am.evaluate(am.load(student_dir), EVAL_LENGTHS, 100))
+    results = _run_all(names, specs, teacher, teacher_dir, student_dir, train, a, b)
+    print(table(results))
+    a.work_dir.mkdir(parents=True, exist_ok=True)
+    (a.work_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(f"plot: {plot(results, start, a.work_dir / 'compare.png')}")
+
+
+def _run_all(names: list[str], specs: dict[str, dict[str, Any]], teacher: Any, teacher_dir: Path,
+             student_dir: Path, train: Path, a: argparse.Namespace, b: Budget) -> list[Result]:  # fmt: skip
+    prompts = [row["prompt"] for row in read_dataset(train)]
+    results = []
+    for name in [n for n in names if n in OFFLINE or n == "trl"]:
+        print(f"{name} ...", flush=True)
+        if name == "trl":
+            results.append(run_trl_method(teacher_dir, student_dir, train, a.work_dir, b))
+        else:
+            results.append(run_offline(name, teacher_dir, student_dir, prompts, b))
+    on_stack = [n for n in names if n in specs]
+    if on_stack:
+        keep_all = ("--keep-checkpoints", "1000")  # every checkpoint is a point of the accuracy curve
+        cfg = stack_config(a.work_dir / "stack", teacher_dir, a.port, learner_args=keep_all)
+        with LocalStack(cfg) as stack, ApiClient(stack.api_url, cfg.token) as client:
+            address = stack.teacher_addresses[TEACHER_NAME]
+            client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+            for name in on_stack:
+                print(f"{name} (on the local stack) ...", flush=True)
+                results.append(run_on_stack(stack, name, specs[name], teacher, student_dir, b, print))
+    return sorted(results, key=lambda r: names.index(r.method))
+
+
+if __name__ == "__main__":
+    main()
