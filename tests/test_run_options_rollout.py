@@ -310,7 +310,7 @@ def _counters(url: str) -> dict[str, float]:
 def test_worker_resamples_flawed_responses(student_dir: Path, redis_server: EmbeddedRedis) -> None:
     async def first_draw(worker: RolloutWorker, run: _Run, student: _Student) -> list[Sample]:
         cfg = worker._sampling(run.spec, student, 6)
-        return await worker._draw(student, [4, 5], cfg)
+        return (await worker._draw(student, [[4, 5]], cfg))[0]
 
     probe = _worker_run(student_dir, redis_server.url, _spec({}), first_draw)
     ppl = sorted(perplexity(s.behaviour_logprobs) for s in probe)
@@ -319,7 +319,8 @@ def test_worker_resamples_flawed_responses(student_dir: Path, redis_server: Embe
 
     async def group(worker: RolloutWorker, run: _Run, student: _Student) -> list[Sample]:
         cfg = worker._sampling(run.spec, student, 6)
-        return await worker._samples(run.spec, student, [4, 5], cfg)
+        first = (await worker._draw(student, [[4, 5]], cfg))[0]
+        return await worker._filter_flawed(run.spec, student, [4, 5], cfg, first)
 
     got = _worker_run(student_dir, redis_server.url, spec, group)
     counts = _counters(redis_server.url)
@@ -338,7 +339,8 @@ def test_worker_keeps_the_least_flawed_when_the_bound_is_hit(
 
     async def group(worker: RolloutWorker, run: _Run, student: _Student) -> list[Sample]:
         cfg = worker._sampling(run.spec, student, 6)
-        return await worker._samples(run.spec, student, [4, 5], cfg)
+        first = (await worker._draw(student, [[4, 5]], cfg))[0]
+        return await worker._filter_flawed(run.spec, student, [4, 5], cfg, first)
 
     got = _worker_run(student_dir, redis_server.url, spec, group)
     assert len(got) == 4
@@ -353,8 +355,8 @@ def test_reference_group_is_k_copies_of_the_reference(student_dir: Path, redis_s
     lease = PromptLease(prompt_id=3, attempt=1, dataset_index=0)
 
     async def go(worker: RolloutWorker, run: _Run, student: _Student) -> Any:
-        plan = await worker._plan(spec, lease)
-        return plan, await worker._group(run, student, lease, plan)
+        (plan,) = await worker._plans(spec, [lease])
+        return plan, (await worker._groups(run, student, [lease], [plan]))[0]
 
     plan, records = _worker_run(student_dir, redis_server.url, spec, go)
     assert plan == _Plan(reference=True, max_new_tokens=6)
@@ -388,7 +390,7 @@ def test_plan_reads_the_step_and_the_curriculum(student_dir: Path, redis_server:
     lease = PromptLease(prompt_id=0, attempt=1, dataset_index=0)
 
     async def plan(worker: RolloutWorker, run: _Run, student: _Student) -> _Plan:
-        return await worker._plan(spec, lease)
+        return (await worker._plans(spec, [lease]))[0]
 
     assert _worker_run(student_dir, redis_server.url, spec, plan) == _Plan(True, 2)  # no state: step 0
     client.hset(rs.run_state_key(RUN), "step", "3")

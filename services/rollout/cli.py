@@ -42,6 +42,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--poll-s", type=float, default=1.0, help="how often to look for runs to serve")
     p.add_argument("--lease-ttl-s", type=float, default=120.0, help="a prompt held longer is re-leased")
     p.add_argument("--teacher-deadline-s", type=float, default=60.0, help="deadline of each Score call")
+    p.add_argument("--prompts-per-batch", type=int, default=0,
+                   help="prompts sampled and scored together (0: the run's prompts_per_step)")  # fmt: skip
     p.add_argument(
         "--sampler", choices=SAMPLERS, default="hf",
         help="hf: transformers generate on --device; vllm: vLLM on the GPU (needs the gpu extra)",
@@ -51,7 +53,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     v.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5, help="share of the GPU")
     v.add_argument("--vllm-enforce-eager", action="store_true", help="no CUDA graphs")
     v.add_argument("--vllm-max-logprobs", type=int, default=64, help="largest top-K the run may ask for")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.prompts_per_batch < 0:
+        p.error(f"--prompts-per-batch: must be >= 0, got {a.prompts_per_batch}")
+    return a
 
 
 async def _active_run(client: redis.asyncio.Redis) -> str | None:
@@ -92,7 +97,7 @@ def _config(a: argparse.Namespace, run_id: str) -> WorkerConfig:
         run_id=run_id, worker_id=a.worker_id, reward_address=a.reward_address,
         teacher_token=os.environ.get("TEACHER_TOKEN"), reward_token=os.environ.get("REWARD_TOKEN"),
         device=a.device, seed=seed, lease_ttl_s=a.lease_ttl_s, teacher_deadline_s=a.teacher_deadline_s,
-        sampler=a.sampler,
+        sampler=a.sampler, prompts_per_batch=a.prompts_per_batch,
         vllm=VllmSamplerConfig(
             dtype=a.vllm_dtype, enforce_eager=a.vllm_enforce_eager, seed=seed,
             gpu_memory_utilization=a.vllm_gpu_memory_utilization, max_logprobs=a.vllm_max_logprobs,

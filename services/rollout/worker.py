@@ -78,6 +78,9 @@ class WorkerConfig:
     teacher_deadline_s: float = 60.0  # per Score call
     reward_timeout_s: float = 30.0  # per verified item
     retry_backoff_s: float = 1.0  # wait between tries of a group whose teachers or rewards failed
+    # Prompts leased and sampled together (one sampler call, one Score call per teacher, one Verify
+    # call): small models are dominated by per-call overhead. 0 = the run's prompts_per_step.
+    prompts_per_batch: int = 0
     lease_ttl_s: float = 120.0  # a prompt not published or renewed within this goes to another worker
     seed: int = 0
 
@@ -105,6 +108,7 @@ class _Plan:
     max_new_tokens: int  # the length limit in effect (the length curriculum's, when it is on)
 
 
+_FIRST_WAIT_S = 0.005  # the first backoff when the learner lags; doubles up to poll_s
 _ALL_ON_POLICY = ConstantSchedule(kind="constant", value=1.0)
 
 
@@ -224,11 +228,12 @@ class RolloutWorker:
                 pipe.hincrbyfloat(key, name, value)
             await pipe.execute()
 
-    async def _rewards(self, run: _Run, prompt: Prompt, texts: list[str]) -> list[list[RecordReward]]:
+    async def _rewards(self, run: _Run, answered: list[tuple[Prompt, str]]) -> list[list[RecordReward]]:
+        """Rewards of each (prompt, response text), in one Verify call."""
         if run.rewards is None:
-            return [[] for _ in texts]
+            return [[] for _ in answered]
         verifiers = tuple(dict.fromkeys(r.verifier for r in run.spec.rewards))
-        items = [Item(prompt.text, t, prompt.reference, verifiers) for t in texts]
+        items = [Item(prompt.text, t, prompt.reference, verifiers) for prompt, t in answered]
         results = await run.rewards.verify(items, timeout_s=self.cfg.reward_timeout_s)
         timeouts = sum(x.status == Status.TIMEOUT for item in results for x in item)
         if timeouts:
@@ -240,14 +245,17 @@ class RolloutWorker:
             for item in results
         ]  # fmt: skip
 
-    async def _plan(self, spec: RunSpec, lease: PromptLease) -> _Plan:
-        """Reference or samples, and the length limit, for this lease (read from Redis once)."""
-        reference = False
+    async def _plans(self, spec: RunSpec, leases: list[PromptLease]) -> list[_Plan]:
+        """Reference or samples, and the length limit, for each lease (read from Redis once)."""
+        share = 1.0
         if _uses_reference(spec):
             step = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "step")
             share = on_policy_share(spec.sampling.on_policy_fraction, int(_text(step)) if step else 0)
-            reference = from_reference(spec.seed, lease.prompt_id, lease.attempt, share)
-        return _Plan(reference, await self._max_new_tokens(spec))
+        limit = await self._max_new_tokens(spec)
+        return [
+            _Plan(share < 1.0 and from_reference(spec.seed, x.prompt_id, x.attempt, share), limit)
+            for x in leases
+        ]
 
     async def _max_new_tokens(self, spec: RunSpec) -> int:
         """sampling.max_new_tokens, or the length curriculum's current limit (the learner sets it)."""
@@ -257,16 +265,24 @@ class RolloutWorker:
         raw = await self.client.hget(keys.length_curriculum(self.cfg.run_id), "max_new_tokens")
         return min(max(int(_text(raw)), 1), lc.max) if raw is not None else lc.start
 
-    async def _draw(self, student: _Student, prompt_ids: list[int], cfg: SamplingConfig) -> list[Sample]:
+    async def _draw(
+        self, student: _Student, prompts: list[list[int]], cfg: SamplingConfig
+    ) -> list[list[Sample]]:
+        """K samples of each prompt, in one sampler call; one list per prompt."""
+        if not prompts:
+            return []
         seed = int(self.rng.integers(2**31))
-        return await asyncio.to_thread(student.sampler.sample, [prompt_ids], cfg, seed)
+        samples = await asyncio.to_thread(student.sampler.sample, prompts, cfg, seed)
+        groups: list[list[Sample]] = [[] for _ in prompts]
+        for x in samples:
+            groups[x.prompt_index].append(x)
+        return groups
 
-    async def _samples(self, spec: RunSpec, student: _Student, prompt_ids: list[int],
-                       cfg: SamplingConfig) -> list[Sample]:  # fmt: skip
-        """K student samples; with sampling.max_perplexity, flawed ones are dropped and resampled
-        (seed 002 ch. 7) for at most max_resamples rounds. When the bound is hit, the least flawed
-        of the dropped samples fill the group (a group is K responses) and are counted."""
-        samples = await self._draw(student, prompt_ids, cfg)
+    async def _filter_flawed(self, spec: RunSpec, student: _Student, prompt_ids: list[int],
+                             cfg: SamplingConfig, samples: list[Sample]) -> list[Sample]:  # fmt: skip
+        """With sampling.max_perplexity, flawed samples are dropped and resampled (seed 002 ch. 7)
+        for at most max_resamples rounds. When the bound is hit, the least flawed of the dropped
+        samples fill the group (a group is K responses) and are counted."""
         limit, want = spec.sampling.max_perplexity, cfg.responses_per_prompt
         if limit is None:
             return samples
@@ -275,9 +291,9 @@ class RolloutWorker:
             if len(kept) == want:
                 break
             more = await self._draw(
-                student, prompt_ids, dataclasses.replace(cfg, responses_per_prompt=want - len(kept))
+                student, [prompt_ids], dataclasses.replace(cfg, responses_per_prompt=want - len(kept))
             )
-            ok, bad = split_flawed(more, limit)
+            ok, bad = split_flawed(more[0], limit)
             kept, flawed = kept + ok, flawed + bad
         short = want - len(kept)
         flawed.sort(key=lambda x: perplexity(x.behaviour_logprobs))
@@ -303,23 +319,57 @@ class RolloutWorker:
         empty = np.zeros((len(ids), 0), np.int32)
         return Sample(0, 0, list(prompt_ids), ids, np.zeros(0, np.float32), empty)
 
-    async def _group(
-        self, run: _Run, student: _Student, lease: PromptLease, plan: _Plan
-    ) -> list[rollout_pb2.Rollout]:
-        spec, prompt = run.spec, run.prompts[lease.dataset_index]
-        prompt_ids = student.tokenizer.encode(prompt.text)
-        cfg = self._sampling(spec, student, plan.max_new_tokens)
-        if plan.reference:  # scored once, published as the group's K identical members
-            samples = [await self._reference(run, student, prompt, prompt_ids, cfg)]
-        else:
-            samples = await self._samples(spec, student, prompt_ids, cfg)
+    async def _responses(
+        self, run: _Run, student: _Student, leases: list[PromptLease], plans: list[_Plan], cfg: SamplingConfig
+    ) -> tuple[list[list[Sample]], int]:
+        """Each lease's scored responses: K student samples (all prompts in one sampler call), or
+        the reference once (published as the group's K identical members); and the policy version
+        that produced them."""
+        prompts = [run.prompts[x.dataset_index] for x in leases]
+        ids = [student.tokenizer.encode(p.text) for p in prompts]
+        on_policy = [i for i, plan in enumerate(plans) if not plan.reference]
+        await self._refresh_weights(student)
+        version = max(student.version, 0)  # the weights these samples come from
+        drawn = await self._draw(student, [ids[i] for i in on_policy], cfg)
+        by_prompt = dict(zip(on_policy, drawn, strict=True))
+        out = []
+        for i, prompt in enumerate(prompts):
+            if i in by_prompt:
+                out.append(await self._filter_flawed(run.spec, student, ids[i], cfg, by_prompt[i]))
+            else:
+                out.append([await self._reference(run, student, prompt, ids[i], cfg)])
+        return out, version
+
+    async def _groups(self, run: _Run, student: _Student, leases: list[PromptLease],
+                      plans: list[_Plan]) -> list[list[rollout_pb2.Rollout]]:  # fmt: skip
+        """The records of every leased prompt: one Score call per teacher and one Verify call."""
+        spec = run.spec
+        cfg = self._sampling(spec, student, plans[0].max_new_tokens)
+        responses, version = await self._responses(run, student, leases, plans, cfg)
+        flat = [x for group in responses for x in group]
+        decode = student.tokenizer.decode
+        answered = [
+            (run.prompts[lease.dataset_index], str(decode(x.response_ids, skip_special_tokens=True)))
+            for lease, group in zip(leases, responses, strict=True) for x in group
+        ]  # fmt: skip
         vocab = student.sampler.vocab_size
-        texts = [str(student.tokenizer.decode(s.response_ids, skip_special_tokens=True)) for s in samples]
-        scores, rewards = await asyncio.gather(
-            self._scores(run, samples, vocab), self._rewards(run, prompt, texts)
-        )
+        scores, rewards = await asyncio.gather(self._scores(run, flat, vocab), self._rewards(run, answered))
+        out, start = [], 0
+        for lease, plan, group in zip(leases, plans, responses, strict=True):
+            rows = range(start, start + len(group))
+            members = [(flat[r], r) for r in rows]
+            out.append(self._records(run, student, (lease, plan, version), members, scores, rewards))
+            start += len(group)
+        return out
+
+    def _records(self, run: _Run, student: _Student, what: tuple[PromptLease, _Plan, int],
+                 members: list[tuple[Sample, int]], scores: dict[str, list[ItemScores]],
+                 rewards: list[list[RecordReward]]) -> list[rollout_pb2.Rollout]:  # fmt: skip
+        """One group's K records (lease, plan, policy version of the samples); ``members`` pairs each
+        scored sample with its row in scores/rewards."""
+        (lease, plan, version), spec, vocab = what, run.spec, student.sampler.vocab_size
         k = spec.sampling.responses_per_prompt
-        sources = [0] * k if plan.reference else list(range(k))  # group member -> scored sample
+        sources = [members[0]] * k if plan.reference else members  # group member -> scored sample
         return [
             build_rollout(
                 run_id=self.cfg.run_id,
@@ -328,18 +378,18 @@ class RolloutWorker:
                 group_size=k,
                 attempt=lease.attempt,
                 dataset_index=lease.dataset_index,
-                policy_version=max(student.version, 0),
-                token_ids=np.asarray(samples[i].prompt_ids + samples[i].response_ids, np.int32),
-                response_start=len(samples[i].prompt_ids),
-                sampled_logprobs=samples[i].behaviour_logprobs,
-                student_top_ids=_candidates(spec, samples[i], vocab) if spec.teachers else None,
-                teachers=[_teacher_arrays(name, scores[name][i]) for name in scores],
-                rewards=rewards[i],
+                policy_version=version,
+                token_ids=np.asarray(x.prompt_ids + x.response_ids, np.int32),
+                response_start=len(x.prompt_ids),
+                sampled_logprobs=x.behaviour_logprobs,
+                student_top_ids=_candidates(spec, x, vocab) if spec.teachers else None,
+                teachers=[_teacher_arrays(name, scores[name][row]) for name in scores],
+                rewards=rewards[row],
                 worker_id=self.cfg.worker_id,
                 created_unix=time.time(),
                 from_reference=plan.reference,
             )
-            for g, i in enumerate(sources)
+            for g, (x, row) in enumerate(sources)
         ]
 
     async def _keep_lease(self, producer: RolloutProducer, lease: PromptLease) -> None:
@@ -348,26 +398,34 @@ class RolloutWorker:
             await producer.renew(lease)
 
     async def _work_on(
-        self, run: _Run, student: _Student, producer: RolloutProducer, lease: PromptLease
-    ) -> None:
-        keeper = asyncio.create_task(self._keep_lease(producer, lease))
+        self, run: _Run, student: _Student, producer: RolloutProducer, leases: list[PromptLease]
+    ) -> int:
+        """Sample, score and publish the leased prompts' groups; returns the number published."""
+        keepers = [asyncio.create_task(self._keep_lease(producer, x)) for x in leases]
         try:
-            plan = await self._plan(run.spec, lease)
+            plans = await self._plans(run.spec, leases)
             while True:
                 try:
-                    records = await self._group(run, student, lease, plan)
+                    groups = await self._groups(run, student, leases, plans)
                     break
                 except (aio.AioRpcError, TeacherError, ConnectionError) as err:
-                    # a teacher or the reward service is down: retry the whole group, publish nothing partial
-                    if keeper.done():
+                    # a teacher or the reward service is down: retry the whole batch, publish nothing partial
+                    if any(k.done() for k in keepers):
                         raise
-                    log.warning(
-                        "prompt %d: %s; retrying in %.1f s", lease.prompt_id, err, self.cfg.retry_backoff_s
-                    )
-                    await asyncio.sleep(self.cfg.retry_backoff_s)
-            await producer.publish(lease, records)
+                    wait = self.cfg.retry_backoff_s
+                    log.warning("%d prompts: %s; retrying in %.1f s", len(leases), err, wait)
+                    await asyncio.sleep(wait)
+            published = 0
+            for lease, records in zip(leases, groups, strict=True):
+                try:
+                    await producer.publish(lease, records)
+                    published += 1
+                except LeaseLost as err:  # another worker has this prompt now; the others still count
+                    log.warning("%s; moving on", err)
+            return published
         finally:
-            keeper.cancel()
+            for k in keepers:
+                k.cancel()
 
     async def _run_over(self) -> bool:
         status = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "status")
@@ -386,16 +444,18 @@ class RolloutWorker:
                 dataset_size=len(run.prompts), lease_ttl_s=self.cfg.lease_ttl_s,
             ),
         )  # fmt: skip
-        published = 0
+        batch = self.cfg.prompts_per_batch or spec.sampling.prompts_per_step
+        published, wait = 0, _FIRST_WAIT_S
         while not stop.is_set() and not await self._run_over():
-            lease, _ = await producer.try_lease()
-            if lease is None:  # the learner lags by max_staleness versions: wait, drop nothing
-                await asyncio.sleep(poll_s)
+            leases, _ = await producer.try_lease_many(batch)
+            if not leases:  # the learner lags by max_staleness versions: wait, drop nothing
+                await asyncio.sleep(wait)
+                # short waits first: a fast learner frees capacity within milliseconds
+                wait = min(2 * wait, poll_s)
                 continue
-            await self._refresh_weights(student)
+            wait = _FIRST_WAIT_S
             try:
-                await self._work_on(run, student, producer, lease)
-                published += 1
+                published += await self._work_on(run, student, producer, leases)
             except LeaseLost as err:
                 log.warning("%s; moving on", err)
         return published

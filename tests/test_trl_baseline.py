@@ -1,0 +1,94 @@
+"""benchmarks/trl_baseline.py: TRL's DistillationTrainer on tiny random models, two optimizer steps."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.trl_baseline import run_trl, step_schedule
+from services.control.arithmetic import WORDS, write_dataset
+from services.control.arithmetic_models import load
+from services.teacher.tiny_model import TinySpec, build_tiny_model
+
+# TRL 1.16 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates
+TRL_DEPRECATION = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+KEYS = {"accuracy", "curve", "kl", "wall_s", "student_tokens", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trl")
+    teacher = TinySpec(hidden_size=32, num_layers=2, num_heads=2, max_length=64, seed=1)
+    student = TinySpec(hidden_size=16, num_layers=1, num_heads=2, max_length=64, seed=2)
+    return {
+        "teacher": build_tiny_model(root / "teacher", teacher, WORDS),
+        "student": build_tiny_model(root / "student", student, WORDS),
+        "train": write_dataset(root / "train.jsonl", (1, 2, 3), "train", 20, seed=0),
+    }
+
+
+def _digest(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.filterwarnings(TRL_DEPRECATION)
+def test_two_steps_train_the_student_and_count_its_tokens(models: dict[str, Path], tmp_path: Path) -> None:
+    steps, prompts, responses, max_new = 2, 2, 3, 4
+    before = _digest(models["student"])
+    result = run_trl(
+        models["teacher"], models["student"], models["train"], tmp_path, steps=steps,
+        prompts_per_step=prompts, responses_per_prompt=responses, max_new_tokens=max_new, lr=1e-2,
+        eval_every=1, eval_lengths=(1, 2),
+        seed=0, eval_count=4, final_count=4, kl_count=4,
+    )  # fmt: skip
+    assert result.keys() >= KEYS
+    assert set(result["accuracy"]) == {1, 2} and all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+    assert [step for step, _ in result["curve"]] == [0, 1, 2]
+    assert result["kl"] >= 0.0 and result["wall_s"] > 0.0
+    # every sampled answer has at least one token and at most max_new_tokens
+    rows = steps * prompts * responses
+    assert rows <= result["student_tokens"] <= rows * max_new
+    assert result["tokens_per_s"] == pytest.approx(result["student_tokens"] / result["wall_s"])
+    assert result["trl_config"]["beta"] == 1.0 and result["trl_config"]["lr_scheduler_type"] == "constant"
+
+    assert _digest(models["student"]) == before  # the initial student is not touched
+    initial, trained = load(models["student"]).state_dict(), load(tmp_path / "trl" / "student").state_dict()
+    assert initial.keys() == trained.keys()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_schedule_is_prompt_groups_without_replacement() -> None:
+    prompts = [f"p{i}" for i in range(5)]
+    rows = step_schedule(prompts, steps=4, prompts_per_step=2, responses_per_prompt=3, seed=7)
+    assert len(rows) == 4 * 2 * 3
+    groups = [rows[i : i + 3] for i in range(0, len(rows), 3)]
+    assert all(len(set(g)) == 1 for g in groups)  # each prompt's responses sit together
+    firsts = [g[0] for g in groups]
+    assert sorted(firsts[:5]) == prompts  # one pass over the prompts before any repeats
+    assert step_schedule(prompts, 4, 2, 3, seed=7) == rows
+    assert step_schedule(prompts, 4, 2, 3, seed=8) != rows
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"steps": 0}, "steps"), ({"responses_per_prompt": -1}, "responses_per_prompt"), ({"lr": 0.0}, "lr"),
+     ({"eval_lengths": ()}, "eval_lengths"), ({"train_jsonl": Path("/nonexistent.jsonl")}, "train_jsonl")],
+)  # fmt: skip
+def test_bad_input_names_the_field(models: dict[str, Path], tmp_path: Path, change: dict, field: str) -> None:
+    args = dict(teacher_dir=models["teacher"], student_dir=models["student"], train_jsonl=models["train"],
+                out_dir=tmp_path / "out", steps=1, prompts_per_step=1, responses_per_prompt=1,
+                max_new_tokens=2, lr=1e-3, eval_every=1, eval_lengths=(1,))  # fmt: skip
+    with pytest.raises(ValueError, match=field):
+        run_trl(**{**args, **change})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_unlike_the_platforms_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    other = build_tiny_model(tmp_path / "other", TinySpec(hidden_size=16, num_layers=1, max_length=64))
+    with pytest.raises(ValueError, match="student tokenizer"):
+        run_trl(models["teacher"], other, models["train"], tmp_path / "out", steps=1, prompts_per_step=1,
+                responses_per_prompt=1, max_new_tokens=2, lr=1e-3, eval_every=1,
+                eval_lengths=(1,))  # fmt: skip
