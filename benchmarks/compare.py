@@ -20,10 +20,13 @@ services, control plane, one learner and one rollout worker), one run after anot
 time is from submission to the run's end. The off-policy ones and TRL run in this process.
 Held-out greedy exact match is measured on checkpoints along the way (the PNG) and at the end
 (the table, short = 2-digit and long = 8-digit operands); KL is the mean per-token
-KL(student ‖ teacher) on the final student's own samples of held-out prompts.
+KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every method runs
+once per seed (sampling, prompt order); the table gives means, accuracy ± its std over seeds.
+"Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
+by the teacher (off-policy, whose wall time includes that sampling).
 
-    .venv/bin/python -m benchmarks.compare                       # all methods, ~30 min on 2 cores
-    .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50
+    .venv/bin/python -m benchmarks.compare                  # every method x 3 seeds, ~8 min on 2 cores
+    .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50 --seeds 0
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -196,8 +200,10 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
     teacher, student = am.load(teacher_dir).eval(), am.load(student_dir)
     opt = torch.optim.AdamW(student.parameters(), lr=b.lr, weight_decay=0.0)
     wall, tokens, curve = 0.0, 0, []
-    for step, (rows, prompt_len) in enumerate(_teacher_batches(teacher, prompts, b), 1):
+    batches = _teacher_batches(teacher, prompts, b)
+    for step in range(1, b.steps + 1):
         started = time.perf_counter()
+        rows, prompt_len = next(batches)  # teacher sampling is part of the method's cost
         student.train()
         loss, n = offline_loss(kind, student, teacher, rows, prompt_len)
         opt.zero_grad(set_to_none=True)
@@ -205,7 +211,7 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         tokens += n
-        wall += time.perf_counter() - started  # teacher sampling is data preparation, not counted
+        wall += time.perf_counter() - started
         if step % b.eval_every == 0 or step == b.steps:
             curve.append((step, _mean(am.evaluate(student, EVAL_LENGTHS, 100))))
     return finish(kind, student, teacher, b, wall, tokens, curve)
@@ -253,30 +259,46 @@ def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: An
 # -- report ----------------------------------------------------------------------------------------
 
 
-def table(results: list[Result]) -> str:
+def _spread(values: list[float]) -> str:
+    """Mean, and ± the standard deviation over seeds when there are several."""
+    mean = statistics.fmean(values)
+    return f"{mean:.1%}" + (f" ± {statistics.pstdev(values):.1%}" if len(values) > 1 else "")
+
+
+def table(runs: dict[str, list[Result]]) -> str:
+    """One row per method: means over the seeds (accuracy ± std); tokens/s = all tokens / all time."""
     head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit | KL to teacher "
             "| wall s | student tokens | tokens/s |")  # fmt: skip
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r.method} | {r.accuracy[SHORT]:.1%} | {r.accuracy[LONG]:.1%} | {r.kl:.4f} "
-                     f"| {r.wall_s:.1f} | {r.student_tokens} | {r.tokens_per_s:.0f} |")  # fmt: skip
+    for method, rs in runs.items():
+        wall, tokens = sum(r.wall_s for r in rs), sum(r.student_tokens for r in rs)
+        short, long = _spread([r.accuracy[SHORT] for r in rs]), _spread([r.accuracy[LONG] for r in rs])
+        lines.append(
+            f"| {method} | {short} | {long} | {statistics.fmean(r.kl for r in rs):.4f} "
+            f"| {wall / len(rs):.1f} | {tokens // len(rs)} | {tokens / wall:.0f} |"
+        )
     return "\n".join(lines)
 
 
-def plot(results: list[Result], start: float, out: Path) -> Path:
+def plot(runs: dict[str, list[Result]], start: float, out: Path) -> Path:
+    """Held-out exact match (mean over lengths and seeds) against the optimizer step, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        steps, acc = zip(*[(0, start), *r.curve], strict=True)
-        ax.plot(steps, acc, marker="o", label=r.method)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for method, rs in runs.items():
+        by_step: dict[int, list[float]] = {0: [start]}
+        for r in rs:
+            for step, acc in r.curve:
+                by_step.setdefault(step, []).append(acc)
+        steps = sorted(by_step)
+        ax.plot(steps, [statistics.fmean(by_step[x]) for x in steps], marker="o", label=method)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"held-out exact match (mean of {', '.join(map(str, EVAL_LENGTHS))}-digit)")
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="best", fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -302,23 +324,30 @@ def main() -> None:
     p.add_argument("--methods", default="all", help="comma-separated names (default: all)")
     p.add_argument("--steps", type=int, default=Budget.steps)
     p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs once per seed")
     a = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    b = Budget(steps=a.steps)
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
-    specs = stack_specs(student_dir, train, b)
+    specs = stack_specs(student_dir, train, Budget(steps=a.steps))
     names = list(ORDER) + [n for n in specs if n not in ORDER] if a.methods == "all" else a.methods.split(",")
     unknown = [n for n in names if n not in (*OFFLINE, "trl", *specs)]
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {[*OFFLINE, 'trl', *specs]}")
     teacher = am.load(teacher_dir).eval()
     start = _mean(am.evaluate(am.load(student_dir), EVAL_LENGTHS, 100))
-    results = _run_all(names, specs, teacher, teacher_dir, student_dir, train, a, b)
-    print(table(results))
+    runs: dict[str, list[Result]] = {name: [] for name in names}
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        print(f"== seed {seed}", flush=True)
+        b = Budget(steps=a.steps, seed=seed)
+        seed_specs = stack_specs(student_dir, train, b)
+        for r in _run_all(names, seed_specs, teacher, teacher_dir, student_dir, train, a, b):
+            runs[r.method].append(r)
+    print(table(runs))
     a.work_dir.mkdir(parents=True, exist_ok=True)
-    (a.work_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    print(f"plot: {plot(results, start, a.work_dir / 'compare.png')}")
+    per_seed = {m: [asdict(r) for r in rs] for m, rs in runs.items()}
+    (a.work_dir / "results.json").write_text(json.dumps(per_seed, indent=1))
+    print(f"plot: {plot(runs, start, a.work_dir / 'compare.png')}")
 
 
 def _run_all(names: list[str], specs: dict[str, dict[str, Any]], teacher: Any, teacher_dir: Path,
@@ -334,7 +363,7 @@ def _run_all(names: list[str], specs: dict[str, dict[str, Any]], teacher: Any, t
     on_stack = [n for n in names if n in specs]
     if on_stack:
         keep_all = ("--keep-checkpoints", "1000")  # every checkpoint is a point of the accuracy curve
-        cfg = stack_config(a.work_dir / "stack", teacher_dir, a.port, learner_args=keep_all)
+        cfg = stack_config(a.work_dir / f"stack-{b.seed}", teacher_dir, a.port, learner_args=keep_all)
         with LocalStack(cfg) as stack, ApiClient(stack.api_url, cfg.token) as client:
             address = stack.teacher_addresses[TEACHER_NAME]
             client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})

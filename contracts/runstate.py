@@ -66,6 +66,7 @@ METRIC_FIELDS = (
     "dense_kl",
     "sparse",
     "gamma",
+    "tokens",  # response tokens trained in this step
     "tokens_per_s",
     "queue_len",
     "policy_lag",

@@ -412,7 +412,7 @@ class Learner:
             self._checkpoint()
         metrics |= self._queue_metrics(batch)
         metrics |= self._rollout_option_metrics(batch)
-        metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - started, 1e-9)
+        metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
         metrics |= {"step": float(self.step), "gamma": self.spec.objective.gamma}
         metrics |= self.data_wait.close_step()
         metrics |= {

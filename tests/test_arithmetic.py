@@ -44,7 +44,9 @@ def test_unknown_split_is_refused() -> None:
 
 def test_dataset_file_feeds_the_exact_match_verifier(tmp_path: Path) -> None:
     rows = read_dataset(write_dataset(tmp_path / "d.jsonl", [2, 5], "test", per_length=3, seed=0))
-    assert [r["digits"] for r in rows] == [2, 2, 2, 5, 5, 5]
+    assert sorted(r["digits"] for r in rows) == [2, 2, 2, 5, 5, 5]
+    mixed = read_dataset(write_dataset(tmp_path / "m.jsonl", range(1, 9), "train", per_length=50, seed=0))
+    assert {r["digits"] for r in mixed[:40]} == set(range(1, 9))  # lengths mixed, not in blocks
     row = rows[0]
     reference = {"answer": row["answer"]}
 

@@ -437,3 +437,13 @@ def test_all_three_options_train_the_tiny_task(tmp_path: Path) -> None:
     assert [m["max_new_tokens"] for m in metrics] == [4, 6, 6, 6]
     assert all(0 < m["student_entropy"] <= math.log(64) + 1e-6 for m in metrics)
     assert all(m["dense_kl"] > 0 for m in metrics)
+
+
+def test_sampling_seeds_follow_the_run_seed_and_the_worker() -> None:
+    from services.rollout.worker import sampling_rng
+
+    def first(run_seed: int, worker_seed: int) -> list[int]:
+        return sampling_rng(run_seed, worker_seed).integers(2**31, size=4).tolist()
+
+    assert first(0, 7) == first(0, 7)
+    assert first(0, 7) != first(1, 7) and first(0, 7) != first(0, 8)

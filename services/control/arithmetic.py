@@ -76,12 +76,13 @@ def problems(digits: int, split: str, count: int, seed: int) -> Iterator[Problem
 
 
 def write_dataset(path: Path, lengths: Sequence[int], split: str, per_length: int, seed: int) -> Path:
-    """A run-spec dataset: one ``{"prompt", "answer", "digits"}`` line per problem."""
+    """A run-spec dataset: one ``{"prompt", "answer", "digits"}`` line per problem, lengths mixed
+    in a seeded random order (workers take prompts in file order)."""
+    rows = [{"prompt": p.prompt, "answer": p.answer, "digits": n}
+            for n in lengths for p in problems(n, split, per_length, seed)]  # fmt: skip
+    random.Random(seed).shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for n in lengths:
-            for p in problems(n, split, per_length, seed):
-                out.write(json.dumps({"prompt": p.prompt, "answer": p.answer, "digits": n}) + "\n")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

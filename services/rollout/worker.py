@@ -116,6 +116,12 @@ def _uses_reference(spec: RunSpec) -> bool:
     return spec.sampling.on_policy_fraction != _ALL_ON_POLICY
 
 
+def sampling_rng(run_seed: int, worker_seed: int) -> np.random.Generator:
+    """The worker's sampling seeds: from the run's seed and the worker's, so a run is reproducible
+    and its workers draw different samples."""
+    return np.random.default_rng([run_seed, worker_seed])
+
+
 def _support_needs_student_top_k(spec: RunSpec) -> bool:
     return bool(spec.teachers) and spec.objective.support in ("student_top_k", "union")
 
@@ -144,6 +150,7 @@ class RolloutWorker:
         if raw is None:
             raise RuntimeError(f"run {self.cfg.run_id}: no spec in Redis; create the run first")
         spec = RunSpec.model_validate_json(raw)
+        self.rng = sampling_rng(spec.seed, self.cfg.seed)
         run = _Run(spec, load_dataset(Path(spec.dataset)))
         if _uses_reference(spec):
             require_reference(run.prompts, spec.sampling.reference_field)
