@@ -288,13 +288,16 @@ def plot(runs: dict[str, list[Result]], start: float, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for method, rs in runs.items():
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    for i, (method, rs) in enumerate(runs.items()):
         by_step: dict[int, list[float]] = {0: [start]}
         for r in rs:
             for step, acc in r.curve:
                 by_step.setdefault(step, []).append(acc)
         steps = sorted(by_step)
-        ax.plot(steps, [statistics.fmean(by_step[x]) for x in steps], marker="o", label=method)
+        style = "--" if method.startswith("+") else "-"  # issue 9's options dashed
+        ax.plot(steps, [statistics.fmean(by_step[x]) for x in steps], style, marker="o", label=method,
+                color=colors[i % len(colors)])  # fmt: skip
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"held-out exact match (mean of {', '.join(map(str, EVAL_LENGTHS))}-digit)")
     ax.set_ylim(0, 1.02)
