@@ -66,8 +66,10 @@ def test_learner_kill_9_redis_restart_and_a_poison_entry(stack: TrainingStack) -
 def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> None:
     run_id, steps = "run-faults000002", 6
     stack.create_run(run_id, stack.spec(steps=steps))
-    survivor = stack.worker("w-b", "--lease-ttl-s", "3")
-    victim = stack.worker("w-c", "--lease-ttl-s", "3")
+    # One prompt per lease: both workers share every step, so the survivor has work left after the
+    # kill and meets the teacher's downtime (with whole-step batches one worker can take them all).
+    survivor = stack.worker("w-b", "--lease-ttl-s", "3", "--prompts-per-batch", "1")
+    victim = stack.worker("w-c", "--lease-ttl-s", "3", "--prompts-per-batch", "1")
     learner = stack.learner(run_id, "--audit")
     stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
     victim.proc.kill()  # its leased prompt is handed to the survivor when the lease runs out

@@ -97,18 +97,14 @@ def stack_config(work: Path, teacher: Path, port: int, **extra: Any) -> StackCon
 
 def _distill(cfg: DemoConfig, teacher: Path, student: Path, follow: Any) -> tuple[str, list[dict[str, Any]]]:
     dataset = write_dataset(cfg.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
-    stack = LocalStack(stack_config(cfg.work_dir, teacher, cfg.api_port))
     print(f"starting the local stack (logs in {cfg.work_dir / 'logs'}) ...", flush=True)
-    try:
-        stack.start()
-        with ApiClient(stack.api_url, stack.cfg.token) as client:
-            address = stack.teacher_addresses[TEACHER_NAME]
-            client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
-            run_id = client.create_run(run_spec(student, dataset, cfg.steps))["id"]
-            final = follow(client, run_id)
-            points = client.metrics(run_id)
-    finally:
-        stack.stop()
+    stack = LocalStack(stack_config(cfg.work_dir, teacher, cfg.api_port))
+    with stack, ApiClient(stack.api_url, stack.cfg.token) as client:
+        address = stack.teacher_addresses[TEACHER_NAME]
+        client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+        run_id = client.create_run(run_spec(student, dataset, cfg.steps))["id"]
+        final = follow(client, run_id)
+        points = client.metrics(run_id)
     if final["status"] != "succeeded" or not points:
         raise RuntimeError(f"run {run_id} ended {final['status']}: {final.get('error', '')}")
     return run_id, points
