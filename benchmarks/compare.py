@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
+from learner.checkpoint import complete_checkpoint_dirs
 from services.control import arithmetic_models as am
 from services.control.arithmetic import read_dataset, write_dataset
 from services.control.client import ApiClient
@@ -134,13 +134,6 @@ ORDER = ("seq_kd", "token_kd", "dense", "hybrid", "full_traj", "pure_rl", "trl")
 
 
 # -- measuring a student ---------------------------------------------------------------------------
-
-
-def _student(student_dir: Path, weights: Path | None) -> Any:
-    model = am.load(student_dir)
-    if weights is not None:
-        model.load_state_dict(safetensors.torch.load_file(weights))
-    return model
 
 
 def _mean(acc: dict[int, float]) -> float:
@@ -233,11 +226,9 @@ def _wait(client: ApiClient, run_id: str, progress: Callable[[str], None]) -> di
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for d in sorted((run_dir / "checkpoints").glob("step-*")):
-        if (d / "model.safetensors").exists():
-            found.append((int(d.name.removeprefix("step-")), d / "model.safetensors"))
-    return found
+    """(step, model weights) of every complete checkpoint of a run."""
+    dirs = complete_checkpoint_dirs(run_dir / "checkpoints")
+    return [(int(d.name.removeprefix("step-")), d / "model.safetensors") for d in dirs]
 
 
 def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: Any, student_dir: Path,
@@ -252,8 +243,8 @@ def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: An
         raise RuntimeError(f"{name}: run {run_id} ended {final['status']}: {final.get('error', '')}")
     tokens = int(sum(p["values"].get("tokens") or 0 for p in points if p.get("step") is not None))
     ckpts = _checkpoints(stack.cfg.work_dir / "runs" / run_id)
-    curve = [(step, _mean(am.evaluate(_student(student_dir, w), EVAL_LENGTHS, 100))) for step, w in ckpts]
-    return finish(name, _student(student_dir, ckpts[-1][1]), teacher, b, wall, tokens, curve)
+    curve = [(step, _mean(am.evaluate(am.load(student_dir, w), EVAL_LENGTHS, 100))) for step, w in ckpts]
+    return finish(name, am.load(student_dir, ckpts[-1][1]), teacher, b, wall, tokens, curve)
 
 
 # -- report ----------------------------------------------------------------------------------------

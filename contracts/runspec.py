@@ -104,6 +104,10 @@ class LengthCurriculumSpec(_Spec):
             raise ValueError(f"length_curriculum.start: {self.start} exceeds max {self.max}")
         return self
 
+    def limit(self, stored: int | None) -> int:
+        """The length limit in effect: the one the learner stored (kept within [1, max]), else start."""
+        return self.start if stored is None else min(max(stored, 1), self.max)
+
 
 class SamplingSpec(_Spec):
     responses_per_prompt: Annotated[int, Field(ge=1, le=256)] = 4  # K of Algorithm 1
@@ -138,10 +142,23 @@ class SamplingSpec(_Spec):
             )
         return self
 
+    @property
+    def mixes_references(self) -> bool:
+        """Whether some prompts get the dataset's reference (on_policy_fraction is not constant 1)."""
+        return self.on_policy_fraction != ConstantSchedule(kind="constant", value=1.0)
+
+
+def on_policy_share(schedule: Schedule, step: int) -> float:
+    """GKD's λ at learner ``step`` (seed 002 ch. 4): the share of prompts answered by the student.
+
+    Held at 1 where a rising schedule passes it (the run spec refuses schedules that start above 1).
+    """
+    return min(1.0, schedule.at(max(step, 0)))
+
 
 def _schedule_max(schedule: Schedule) -> float:
     """The largest value a share schedule takes; a rising linear ramp counts from its start (it is
-    held at 1 where it passes 1, see services.rollout.sampling.on_policy_share)."""
+    held at 1 where it passes 1, see on_policy_share)."""
     if isinstance(schedule, PiecewiseSchedule):
         return max(schedule.values)
     if isinstance(schedule, CosineSchedule):

@@ -166,6 +166,11 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def complete_checkpoint_dirs(root: Path) -> list[Path]:
+    """Every complete checkpoint directory under ``root``, oldest first."""
+    return [d for d in _step_dirs(root) if _complete(d)]
+
+
 def latest_checkpoint_dir(root: Path) -> Path | None:
     """The directory the pointer names if complete, else the newest complete one, else None."""
     pointer = root / LATEST
@@ -174,10 +179,8 @@ def latest_checkpoint_dir(root: Path) -> Path | None:
         if target.name.startswith("step-") and _complete(target):
             return target
         logger.warning("checkpoint pointer names %s, which is incomplete; scanning", target)
-    for candidate in reversed(_step_dirs(root)):
-        if _complete(candidate):
-            return candidate
-    return None
+    complete = complete_checkpoint_dirs(root)
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -97,7 +97,7 @@ def grow_length(current: int, entropy: float, lc: LengthCurriculumSpec) -> int:
 def read_length(client: redis.Redis, run_id: str, lc: LengthCurriculumSpec) -> int:
     """The response length limit in effect: the stored one, else ``lc.start``."""
     raw = client.hget(keys.length_curriculum(run_id), "max_new_tokens")
-    return min(max(int(_text(raw)), 1), lc.max) if raw is not None else lc.start
+    return lc.limit(None if raw is None else int(_text(raw)))
 
 
 def advance_length(

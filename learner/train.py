@@ -38,8 +38,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from contracts import keys
 from contracts import runstate as rs
-from contracts.runspec import RunSpec
-from contracts.schedules import ConstantSchedule, ScheduleTimeline
+from contracts.runspec import RunSpec, on_policy_share
+from contracts.schedules import ScheduleTimeline
 from learner import run_state
 from learner.applied import AppliedIds
 from learner.batching import (
@@ -324,13 +324,16 @@ class Learner:
         calls = producer.get("teacher_calls", 0.0) - self._last_teacher[0]
         latency = producer.get("teacher_latency_s_sum", 0.0) - self._last_teacher[1]
         self._last_teacher = (producer.get("teacher_calls", 0.0), producer.get("teacher_latency_s_sum", 0.0))
-        return {
+        out = {
             "queue_len": float(lag or 0),
             "policy_lag": float(self.version - sum(versions) / len(versions)) if versions else 0.0,
             "dead_letters": float(sum(n for name, n in counters.items() if name.startswith("dead:"))),
             "teacher_latency_s": latency / calls if calls > 0 else 0.0,  # mean Score call since the last step
             "reward_timeouts": producer.get("reward_timeouts", 0.0),  # cumulative over the run
         }
+        if self.spec.sampling.max_perplexity is not None:  # seed 002 ch. 7, cumulative over the run
+            out |= {name: producer.get(name, 0.0) for name in ("rejected_flawed", "flawed_kept")}
+        return out
 
     @torch.no_grad()
     def _observe_entropy(self, batch: ObjectiveBatch) -> None:
@@ -347,15 +350,10 @@ class Learner:
         """Metrics of the rollout-side run options that are on; advances the length curriculum."""
         assert self.client is not None
         s, out = self.spec.sampling, {}
-        if s.on_policy_fraction != ConstantSchedule(kind="constant", value=1.0):  # seed 002 ch. 4
+        if s.mixes_references:  # seed 002 ch. 4
             refs = [m.rollout.from_reference for m in batch.rollouts]
-            out["on_policy_fraction"] = min(1.0, s.on_policy_fraction.at(self.step))
+            out["on_policy_fraction"] = on_policy_share(s.on_policy_fraction, self.step)
             out["reference_share"] = sum(refs) / max(len(refs), 1)
-        if s.max_perplexity is not None:  # seed 002 ch. 7, cumulative producer counters of the run
-            raw = self.client.hgetall(keys.producer_counters(self.cfg.run_id))
-            counters = {_text(k): float(v) for k, v in raw.items()}
-            for name in ("rejected_flawed", "flawed_kept"):
-                out[name] = counters.get(name, 0.0)
         lc = s.length_curriculum
         if lc is not None:  # seed 003
             out["student_entropy"] = self._entropy

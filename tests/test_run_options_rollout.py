@@ -25,7 +25,7 @@ from contracts import keys
 from contracts import runstate as rs
 from contracts.redis_server import EmbeddedRedis, make_async_client, make_client
 from contracts.rollout_record import build_rollout, decode_rollout
-from contracts.runspec import LengthCurriculumSpec, RunSpec, SamplingSpec
+from contracts.runspec import LengthCurriculumSpec, RunSpec, SamplingSpec, on_policy_share
 from contracts.schedules import ConstantSchedule, LinearSchedule, PiecewiseSchedule
 from learner import run_state
 from learner.objective import ObjectiveConfig, objective_loss
@@ -37,7 +37,6 @@ from services.rollout.sampling import (
     Sample,
     SamplingConfig,
     from_reference,
-    on_policy_share,
     perplexity,
     split_flawed,
     teacher_forced,

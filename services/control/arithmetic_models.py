@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -148,17 +149,22 @@ def kl_to_teacher(student: PreTrainedModel, teacher: PreTrainedModel, lengths: S
     return total / max(tokens, 1)
 
 
-def load(model_dir: Path, checkpoints: Path | None = None) -> PreTrainedModel:
-    """The model at ``model_dir``, with the weights of the latest learner checkpoint if given."""
+def load(model_dir: Path, weights: Path | None = None) -> PreTrainedModel:
+    """The model at ``model_dir``, with the weights of a safetensors file (a checkpoint's) if given."""
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if checkpoints is not None:
-        from learner.checkpoint import latest_checkpoint_dir
-
-        latest = latest_checkpoint_dir(checkpoints)
-        if latest is None:
-            raise SystemExit(f"--checkpoints: no complete checkpoint under {checkpoints}")
-        model.load_state_dict(safetensors.torch.load_file(latest / "model.safetensors"))
+    if weights is not None:
+        model.load_state_dict(safetensors.torch.load_file(weights))
     return model
+
+
+def latest_weights(checkpoints: Path) -> Path:
+    """The model weights of a run's latest complete learner checkpoint."""
+    from learner.checkpoint import latest_checkpoint_dir
+
+    latest = latest_checkpoint_dir(checkpoints)
+    if latest is None:
+        raise SystemExit(f"--checkpoints: no complete checkpoint under {checkpoints}")
+    return latest / "model.safetensors"
 
 
 def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float:
@@ -168,15 +174,10 @@ def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float:
     model = load(tmp)
     accuracy = train(model, cfg, role)
     model.save_pretrained(tmp)
-    tmp.replace(out_dir) if not out_dir.exists() else (_swap(tmp, out_dir))
-    return accuracy
-
-
-def _swap(tmp: Path, out_dir: Path) -> None:
-    import shutil
-
-    shutil.rmtree(out_dir)
+    if out_dir.exists():  # a rebuild replaces the old model
+        shutil.rmtree(out_dir)
     tmp.replace(out_dir)
+    return accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -193,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lengths = tuple(a.lengths)
     if a.role == "eval":
-        print(json.dumps(evaluate(load(a.dir, a.checkpoints), lengths, a.count)))
+        weights = latest_weights(a.checkpoints) if a.checkpoints else None
+        print(json.dumps(evaluate(load(a.dir, weights), lengths, a.count)))
     elif a.role == "teacher":
         cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, a.target or 0.97)
         build(a.dir, TEACHER, cfg, "teacher")

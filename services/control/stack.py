@@ -125,10 +125,11 @@ class LocalStack:
     def start(self) -> LocalStack:
         work = self.cfg.work_dir
         self.redis = EmbeddedRedis(work / "redis").start()
-        env = {"REDIS_URL": self.redis.url, **self._torch_threads()}
+        threads = self._torch_threads()
+        env = {"REDIS_URL": self.redis.url, **threads}
         for name, model in self.cfg.teachers.items():
             self.teacher_addresses[name] = self._grpc(
-                f"teacher-{name}", "services.teacher", ["--model", str(model)], self._torch_threads()
+                f"teacher-{name}", "services.teacher", ["--model", str(model)], threads
             )
         verifiers = ["--verifiers", str(self.cfg.verifiers_file)] if self.cfg.verifiers_file else []
         self.reward_address = self._grpc("reward", "services.reward", verifiers)

@@ -5,9 +5,10 @@ sampled token (at the sampling temperature) and the student's top-K ids at each 
 dense support of seed 000, appendix B.2, when the run uses the student's top-K).
 
 The rollout-side run options decide here, as pure functions: which prompts get the dataset's
-reference response instead of samples (``on_policy_share``, ``from_reference``; GKD's λ, seed 002
-chapter 4), which samples are flawed (``perplexity``, ``split_flawed``; seed 002 chapter 7), and
-``teacher_forced`` records a reference response as the sampler records a sample.
+reference response instead of samples (``from_reference``, with the share from
+``contracts.runspec.on_policy_share``; GKD's λ, seed 002 chapter 4), which samples are flawed
+(``perplexity``, ``split_flawed``; seed 002 chapter 7), and ``teacher_forced`` records a
+reference response as the sampler records a sample.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import PreTrainedModel
-
-from contracts.schedules import Schedule
 
 
 @dataclass
@@ -112,14 +111,6 @@ def sample(
     return samples
 
 
-def on_policy_share(schedule: Schedule, step: int) -> float:
-    """GKD's λ at learner ``step`` (seed 002 ch. 4): the share of prompts answered by the student.
-
-    Held at 1 where a rising schedule passes it (the run spec refuses schedules that start above 1).
-    """
-    return min(1.0, schedule.at(max(step, 0)))
-
-
 def from_reference(seed: int, prompt_id: int, attempt: int, share: float) -> bool:
     """Whether this prompt's group is the dataset's reference response (GKD's coin, seed 002 ch. 4,
     "with probability 1−λ, ... the ground-truth sequence from the dataset").
@@ -141,8 +132,10 @@ def perplexity(behaviour_logprobs: np.ndarray) -> float:
 
 def split_flawed(samples: Sequence[Sample], max_perplexity: float) -> tuple[list[Sample], list[Sample]]:
     """(coherent, flawed): a response whose perplexity exceeds ``max_perplexity`` is flawed."""
-    kept = [s for s in samples if perplexity(s.behaviour_logprobs) <= max_perplexity]
-    flawed = [s for s in samples if perplexity(s.behaviour_logprobs) > max_perplexity]
+    kept: list[Sample] = []
+    flawed: list[Sample] = []
+    for s in samples:
+        (kept if perplexity(s.behaviour_logprobs) <= max_perplexity else flawed).append(s)
     return kept, flawed
 
 

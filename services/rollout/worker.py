@@ -33,8 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from contracts import keys, runstate
 from contracts.rollout_record import Reward as RecordReward
 from contracts.rollout_record import TeacherArrays, build_rollout
-from contracts.runspec import RunSpec
-from contracts.schedules import ConstantSchedule
+from contracts.runspec import RunSpec, on_policy_share
 from proto.distill.v1 import reward_pb2, rollout_pb2
 from services.reward.client import RewardClient
 from services.reward.domain import Item, Status
@@ -45,7 +44,6 @@ from services.rollout.sampling import (
     Sample,
     SamplingConfig,
     from_reference,
-    on_policy_share,
     perplexity,
     split_flawed,
     teacher_forced,
@@ -109,11 +107,6 @@ class _Plan:
 
 
 _FIRST_WAIT_S = 0.005  # the first backoff when the learner lags; doubles up to poll_s
-_ALL_ON_POLICY = ConstantSchedule(kind="constant", value=1.0)
-
-
-def _uses_reference(spec: RunSpec) -> bool:
-    return spec.sampling.on_policy_fraction != _ALL_ON_POLICY
 
 
 def sampling_rng(run_seed: int, worker_seed: int) -> np.random.Generator:
@@ -152,14 +145,14 @@ class RolloutWorker:
         spec = RunSpec.model_validate_json(raw)
         self.rng = sampling_rng(spec.seed, self.cfg.seed)
         run = _Run(spec, load_dataset(Path(spec.dataset)))
-        if _uses_reference(spec):
+        if spec.sampling.mixes_references:
             require_reference(run.prompts, spec.sampling.reference_field)
         tokenizer = AutoTokenizer.from_pretrained(spec.student)
         sampler = await asyncio.to_thread(
             make_sampler, self.cfg.sampler, spec.student, self.cfg.device, self.cfg.vllm
         )
         if (
-            _uses_reference(spec)
+            spec.sampling.mixes_references
             and _support_needs_student_top_k(spec)
             and not isinstance(sampler, HfSampler)
         ):
@@ -255,7 +248,7 @@ class RolloutWorker:
     async def _plans(self, spec: RunSpec, leases: list[PromptLease]) -> list[_Plan]:
         """Reference or samples, and the length limit, for each lease (read from Redis once)."""
         share = 1.0
-        if _uses_reference(spec):
+        if spec.sampling.mixes_references:
             step = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "step")
             share = on_policy_share(spec.sampling.on_policy_fraction, int(_text(step)) if step else 0)
         limit = await self._max_new_tokens(spec)
@@ -270,7 +263,7 @@ class RolloutWorker:
         if lc is None:
             return spec.sampling.max_new_tokens
         raw = await self.client.hget(keys.length_curriculum(self.cfg.run_id), "max_new_tokens")
-        return min(max(int(_text(raw)), 1), lc.max) if raw is not None else lc.start
+        return lc.limit(None if raw is None else int(_text(raw)))
 
     async def _draw(
         self, student: _Student, prompts: list[list[int]], cfg: SamplingConfig
