@@ -256,17 +256,25 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.1%}" + (f" ± {statistics.pstdev(values):.1%}" if len(values) > 1 else "")
 
 
+def _speed(rs: list[Result]) -> float:
+    """Tokens per second over all seeds: all tokens / all time."""
+    return sum(r.student_tokens for r in rs) / sum(r.wall_s for r in rs)
+
+
 def table(runs: dict[str, list[Result]]) -> str:
-    """One row per method: means over the seeds (accuracy ± std); tokens/s = all tokens / all time."""
+    """One row per method: means over the seeds (accuracy ± std), and tokens/s as a ratio to TRL's
+    measured in the same process (the baseline; "-" when TRL did not run)."""
     head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit | KL to teacher "
-            "| wall s | student tokens | tokens/s |")  # fmt: skip
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+            "| wall s | student tokens | tokens/s | tokens/s vs trl |")  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    baseline = _speed(runs["trl"]) if runs.get("trl") else None
     for method, rs in runs.items():
         wall, tokens = sum(r.wall_s for r in rs), sum(r.student_tokens for r in rs)
         short, long = _spread([r.accuracy[SHORT] for r in rs]), _spread([r.accuracy[LONG] for r in rs])
+        ratio = f"{_speed(rs) / baseline:.2f}x" if baseline else "-"
         lines.append(
             f"| {method} | {short} | {long} | {statistics.fmean(r.kl for r in rs):.4f} "
-            f"| {wall / len(rs):.1f} | {tokens // len(rs)} | {tokens / wall:.0f} |"
+            f"| {wall / len(rs):.1f} | {tokens // len(rs)} | {_speed(rs):.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
