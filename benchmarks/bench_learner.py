@@ -164,7 +164,7 @@ class Probe:
         self.boundary: list[float] = []
         self.trained_ids: list[list[str]] = []
         self._open: dict[str, float] | None = None
-        self._wrap(learner, "_publish", "publish")
+        self._wrap(learner, "_publish", "publish")  # the weights snapshot; the write runs in the background
         self._wrap(learner, "_checkpoint", "checkpoint")
         self._wrap(learner, "train_step", "step")
         self._wrap(learner, "_next_batch", "read")

@@ -17,7 +17,10 @@ sampled sequences (the table prints the tokens each actually used).
 
 Our on-policy methods run through the real local stack (embedded Redis, teacher and reward
 services, control plane, one learner and one rollout worker), one run after another; their wall
-time is from submission to the run's end. The off-policy ones and TRL run in this process.
+time is from the learner starting the run (its student loaded, ``started_at``) to the run's end,
+as TRL's excludes loading the models and building its trainer; the rollout worker's own start
+(loading the student, checking the teacher's tokenizer) falls inside it. The off-policy ones and
+TRL run in this process.
 Held-out greedy exact match is measured on checkpoints along the way (the PNG) and at the end
 (the table, short = 2-digit and long = 8-digit operands); KL is the mean per-token
 KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every method runs
@@ -234,10 +237,9 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: Any, student_dir: Path,
                  b: Budget, progress: Callable[[str], None]) -> Result:  # fmt: skip
     with ApiClient(stack.api_url, stack.cfg.token) as client:
-        started = time.perf_counter()
         run_id = client.create_run(spec)["id"]
         final = _wait(client, run_id, progress)
-        wall = time.perf_counter() - started
+        wall = final["updated_at"] - final["started_at"]  # the learner's clock: start → final status
         points = client.metrics(run_id)
     if final["status"] != "succeeded":
         raise RuntimeError(f"{name}: run {run_id} ended {final['status']}: {final.get('error', '')}")

@@ -8,7 +8,8 @@ Keys (all of one run under ``distill:run:{run_id}:``, see ``contracts.keys``):
 - ``runs_index_key()`` — sorted set of run ids scored by creation time (ms).
 - ``run_spec_key(id)`` — string: the ``RunSpec`` as JSON (written once, at creation).
 - ``run_state_key(id)`` — hash with the fields of :class:`RunState` (strings): ``status``,
-  ``desired``, ``step``, ``created_at``, ``updated_at``, ``error``, ``name``, ``fingerprint``.
+  ``desired``, ``step``, ``created_at``, ``started_at``, ``updated_at``, ``error``, ``name``,
+  ``fingerprint``.
 - ``run_schedules_key(id)`` — hash: reward name → ``ScheduleTimeline.to_dict()`` as JSON.
 - ``run_metrics_key(id)`` — stream: one entry per step written by the learner, fields in
   :data:`METRIC_FIELDS` plus ``reward/<name>`` and ``lambda/<name>``; numbers as decimal strings.
@@ -175,6 +176,7 @@ class RunState(BaseModel):
     step: int  # the step the learner has begun; 0 before the first
     created_at: float  # unix seconds
     updated_at: float
+    started_at: float = 0.0  # when a learner first began training it (model loaded); 0 before
     error: str = ""
     name: str = ""
     fingerprint: str = ""  # the tokenizer fingerprint every teacher of the run shares ("" if none)

@@ -1,7 +1,7 @@
 """The learner's side of the run-state contract (``contracts.runstate``), over a sync Redis client.
 
 The learner reports start/halt/finish/fail through ``transition`` under WATCH, begins each step
-by advancing ``step`` and reading the λ schedules in one transaction, and appends one metrics
+by advancing ``step`` and reading the λ schedules in one atomic script, and appends one metrics
 entry per step. With ``sampling.length_curriculum`` it also keeps the response length limit in
 ``keys.length_curriculum`` (``advance_length``), where the rollout workers read it.
 """
@@ -41,10 +41,12 @@ def apply(client: redis.Redis, run_id: str, command: rs.Command, error: str = ""
                 if state is None:
                     raise rs.InvalidTransition(rs.RunStatus.QUEUED, command)
                 status, desired = rs.transition(state.status, state.desired, command)
-                new = state.model_copy(
-                    update={"status": status, "desired": desired, "updated_at": time.time(),
-                            "error": error or state.error}
-                )  # fmt: skip
+                now = time.time()
+                update = {"status": status, "desired": desired, "updated_at": now,
+                          "error": error or state.error}  # fmt: skip
+                if command is rs.Command.START and not state.started_at:
+                    update["started_at"] = now
+                new = state.model_copy(update=update)
                 pipe.multi()
                 pipe.hset(key, mapping=new.to_hash())  # type: ignore[arg-type]
                 pipe.execute()
@@ -57,27 +59,26 @@ def initial_timelines(spec: RunSpec) -> dict[str, ScheduleTimeline]:
     return {r.name: ScheduleTimeline(r.schedule) for r in spec.rewards}
 
 
+# One round trip, atomic like a transaction: the control plane's schedule changes and stop
+# requests land either before this boundary or after it, never half-way.
+_BEGIN_STEP_LUA = """
+local desired = redis.call('HGET', KEYS[1], 'desired')
+local schedules = redis.call('HGETALL', KEYS[2])
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'updated_at', ARGV[2])
+return {desired or 'run', schedules}
+"""
+
+
 def begin_step(
     client: redis.Redis, run_id: str, step: int, fallback: Mapping[str, ScheduleTimeline]
 ) -> tuple[rs.Desired, dict[str, ScheduleTimeline]]:
     """Advance the run to ``step`` and read (desired state, λ timelines) as of that boundary."""
-    state_key, sched_key = rs.run_state_key(run_id), rs.run_schedules_key(run_id)
-    with client.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(state_key, sched_key)
-                desired = _text(pipe.hget(state_key, "desired") or b"run")
-                raw = pipe.hgetall(sched_key)
-                pipe.multi()
-                pipe.hset(state_key, mapping={"step": str(step), "updated_at": str(time.time())})
-                pipe.execute()
-                break
-            except redis.WatchError:
-                continue
+    keys_ = [rs.run_state_key(run_id), rs.run_schedules_key(run_id)]
+    desired, flat = client.eval(_BEGIN_STEP_LUA, 2, *keys_, str(step), str(time.time()))
     timelines = dict(fallback)
-    for name, data in raw.items():
+    for name, data in zip(flat[::2], flat[1::2], strict=True):
         timelines[_text(name)] = ScheduleTimeline.from_dict(json.loads(data))
-    return rs.Desired(desired), timelines
+    return rs.Desired(_text(desired)), timelines
 
 
 def write_metrics(

@@ -61,6 +61,7 @@ from learner.checkpoint import (
 from learner.objective import ObjectiveBatch, ObjectiveConfig, objective_loss
 from learner.queue import Batch, ConsumerConfig, Group, RolloutConsumer
 from learner.run_state import LearnerLease
+from learner.side_writes import SideWrites, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class Learner:
         self._last_teacher = (0.0, 0.0)  # producer counters (teacher calls, latency sum) at the last step
         self._entropy = 0.0  # mean student entropy of the last step's batch (sampling.length_curriculum)
         self.data_wait = DataWait()
+        self.side = SideWrites()  # rank 0's weights publication and metrics, off the training thread
 
     def request_exit(self) -> None:
         """Finish the step in progress, checkpoint and return (SIGTERM); the run stays running."""
@@ -183,9 +185,11 @@ class Learner:
         return RolloutConsumer(self.client, config, applied=self.applied)
 
     def _publish(self) -> None:
-        """Publish the current weights as ``self.version`` (rank 0)."""
-        assert self.client is not None
-        publish_weights(self.cfg.run_dir, self.cfg.run_id, self.version, self.model.state_dict(), self.client)
+        """Publish the current weights as ``self.version`` (rank 0), in the background."""
+        client, run_dir, run_id, version = self.client, self.cfg.run_dir, self.cfg.run_id, self.version
+        assert client is not None
+        weights = snapshot(self.model.state_dict())
+        self.side.submit(lambda: publish_weights(run_dir, run_id, version, weights, client))
 
     def _publish_start(self) -> None:
         # Steps after the last checkpoint were lost with the crash, but their weights were
@@ -195,6 +199,7 @@ class Learner:
         if current is not None and int(current) > self.version:
             self.version = int(current) + 1
         self._publish()
+        self.side.flush()  # workers start from these weights
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -311,11 +316,18 @@ class Learner:
         self.consumer.ack_applied()
         self.consumer.trim()
 
-    def _queue_metrics(self, batch: Batch) -> dict[str, float]:
+    def _write_metrics(self, metrics: dict[str, float], versions: list[int], version: int) -> None:
+        """Add the queue's and the producers' figures (read now) to a step's metrics and write them."""
+        assert self.client is not None
+        queue = self._queue_metrics(versions, version)
+        run_state.write_metrics(self.client, self.cfg.run_id, metrics | queue)
+
+    def _queue_metrics(self, versions: list[int], version: int) -> dict[str, float]:
+        """Queue length, policy lag of the step's rollouts (sampled at ``versions``, trained into
+        ``version``), dead letters and the producers' counters since the previous step."""
         assert self.client is not None and self.consumer is not None
         groups = self.client.xinfo_groups(keys.rollout_stream(self.cfg.run_id))
         lag = next((g.get("lag") for g in groups if _text(g["name"]) == self.consumer.group), 0)
-        versions = [m.rollout.policy_version for m in batch.rollouts]
         counters = self.consumer.counters()
         producer = {
             _text(k): float(v)
@@ -326,7 +338,7 @@ class Learner:
         self._last_teacher = (producer.get("teacher_calls", 0.0), producer.get("teacher_latency_s_sum", 0.0))
         out = {
             "queue_len": float(lag or 0),
-            "policy_lag": float(self.version - sum(versions) / len(versions)) if versions else 0.0,
+            "policy_lag": float(version - sum(versions) / len(versions)) if versions else 0.0,
             "dead_letters": float(sum(n for name, n in counters.items() if name.startswith("dead:"))),
             "teacher_latency_s": latency / calls if calls > 0 else 0.0,  # mean Score call since the last step
             "reward_timeouts": producer.get("reward_timeouts", 0.0),  # cumulative over the run
@@ -383,6 +395,7 @@ class Learner:
             return rs.RunStatus.STOPPED if command is rs.Command.HALT else rs.RunStatus.SUCCEEDED
         assert self.client is not None
         self._checkpoint()
+        self.side.flush()  # every step's metrics and weights are out before the run ends
         return run_state.apply(self.client, self.cfg.run_id, command).status
 
     def _one_step(self) -> None:
@@ -404,11 +417,9 @@ class Learner:
         self.consumer.mark_applied(batch)
         if self.cfg.audit:
             self.applied_log.append([m.rollout.rollout_id for m in batch.rollouts])
-        self.consumer.refresh_claims()
         self._publish()
         if self.step % self.spec.checkpoint_interval == 0:
             self._checkpoint()
-        metrics |= self._queue_metrics(batch)
         metrics |= self._rollout_option_metrics(batch)
         metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
         metrics |= {"step": float(self.step), "gamma": self.spec.objective.gamma}
@@ -417,7 +428,8 @@ class Learner:
             f"{rs.LAMBDA_PREFIX}{r.name}": lam
             for r, lam in zip(self.spec.rewards, self._lambdas(self.step), strict=True)
         }
-        run_state.write_metrics(self.client, self.cfg.run_id, metrics)
+        versions, version = [m.rollout.policy_version for m in batch.rollouts], self.version
+        self.side.submit(lambda: self._write_metrics(metrics, versions, version))
         log.info("step %d: loss %.4f kl %.4f", self.step, metrics["loss"], metrics["dense_kl"])
 
     def run(self) -> rs.RunStatus:
@@ -427,8 +439,11 @@ class Learner:
             run_state.apply(self.client, self.cfg.run_id, rs.Command.START)
             self._publish_start()
         self.data_wait = DataWait()  # model loading and the first publication are not step time
-        with manual_gc(self.cfg.gc_interval):
-            return self._loop()
+        try:
+            with manual_gc(self.cfg.gc_interval):
+                return self._loop()
+        finally:
+            self.side.close()
 
     def _loop(self) -> rs.RunStatus:
         try:
@@ -441,6 +456,7 @@ class Learner:
                 if leave:
                     if self.rank == 0:
                         self._checkpoint()
+                        self.side.flush()
                     return rs.RunStatus.RUNNING
                 self._one_step()
             return self._finish(rs.Command.FINISH)

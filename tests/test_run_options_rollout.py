@@ -354,8 +354,8 @@ def test_reference_group_is_k_copies_of_the_reference(student_dir: Path, redis_s
     lease = PromptLease(prompt_id=3, attempt=1, dataset_index=0)
 
     async def go(worker: RolloutWorker, run: _Run, student: _Student) -> Any:
-        (plan,) = await worker._plans(spec, [lease])
-        return plan, (await worker._groups(run, student, [lease], [plan]))[0]
+        drawn = await worker._drawn(run, student, [lease])
+        return drawn.plans[0], (await worker._groups(run, student, drawn))[0]
 
     plan, records = _worker_run(student_dir, redis_server.url, spec, go)
     assert plan == _Plan(reference=True, max_new_tokens=6)

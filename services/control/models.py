@@ -117,6 +117,7 @@ class RunSummary(BaseModel):
     step: int
     created_at: float
     updated_at: float
+    started_at: float  # when a learner began training the run (its model loaded); 0 until then
 
 
 class RunPublic(RunSummary):

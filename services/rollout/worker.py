@@ -10,9 +10,12 @@ One loop per process (``python -m services.rollout --run-id ID``)::
     → ask every teacher of the run concurrently, then the reward service
     → publish the K records as one group (all or nothing, idempotent)
 
-A teacher that is down makes the worker retry the same group with backoff: nothing partial ever
-reaches the stream. The lease is renewed while the group is being worked on, so a slow worker
-keeps its prompt and a dead one's prompt is handed to another worker when the lease runs out.
+Prompts are leased, sampled, scored and published a batch at a time (``--prompts-per-batch``),
+and two batches overlap: one is sampled while the one before waits for its scores.
+A teacher that is down makes the worker retry the same group's scoring with backoff: nothing
+partial ever reaches the stream. The lease is renewed while the group is being worked on, so a
+slow worker keeps its prompt and a dead one's prompt is handed to another worker when the lease
+runs out.
 """
 
 from __future__ import annotations
@@ -104,6 +107,17 @@ class _Plan:
 
     reference: bool  # K copies of the dataset's reference response instead of student samples
     max_new_tokens: int  # the length limit in effect (the length curriculum's, when it is on)
+
+
+@dataclass
+class _Drawn:
+    """Leased prompts with their responses, waiting to be scored and published."""
+
+    leases: list[PromptLease]
+    plans: list[_Plan]
+    responses: list[list[Sample]]  # per lease: K samples, or the reference once
+    version: int  # the policy version the samples come from
+    keepers: list[asyncio.Task[None]] = field(default_factory=list)  # renew the leases meanwhile
 
 
 _FIRST_WAIT_S = 0.005  # the first backoff when the learner lags; doubles up to poll_s
@@ -340,25 +354,28 @@ class RolloutWorker:
                 out.append([await self._reference(run, student, prompt, ids[i], cfg)])
         return out, version
 
-    async def _groups(self, run: _Run, student: _Student, leases: list[PromptLease],
-                      plans: list[_Plan]) -> list[list[rollout_pb2.Rollout]]:  # fmt: skip
-        """The records of every leased prompt: one Score call per teacher and one Verify call."""
-        spec = run.spec
-        cfg = self._sampling(spec, student, plans[0].max_new_tokens)
+    async def _drawn(self, run: _Run, student: _Student, leases: list[PromptLease]) -> _Drawn:
+        """The leased prompts' responses (samples, or references), not yet scored."""
+        plans = await self._plans(run.spec, leases)
+        cfg = self._sampling(run.spec, student, plans[0].max_new_tokens)
         responses, version = await self._responses(run, student, leases, plans, cfg)
-        flat = [x for group in responses for x in group]
+        return _Drawn(leases, plans, responses, version)
+
+    async def _groups(self, run: _Run, student: _Student, d: _Drawn) -> list[list[rollout_pb2.Rollout]]:
+        """The records of every drawn prompt: one Score call per teacher and one Verify call."""
+        flat = [x for group in d.responses for x in group]
         decode = student.tokenizer.decode
         answered = [
             (run.prompts[lease.dataset_index], str(decode(x.response_ids, skip_special_tokens=True)))
-            for lease, group in zip(leases, responses, strict=True) for x in group
+            for lease, group in zip(d.leases, d.responses, strict=True) for x in group
         ]  # fmt: skip
         vocab = student.sampler.vocab_size
         scores, rewards = await asyncio.gather(self._scores(run, flat, vocab), self._rewards(run, answered))
         out, start = [], 0
-        for lease, plan, group in zip(leases, plans, responses, strict=True):
+        for lease, plan, group in zip(d.leases, d.plans, d.responses, strict=True):
             rows = range(start, start + len(group))
             members = [(flat[r], r) for r in rows]
-            out.append(self._records(run, student, (lease, plan, version), members, scores, rewards))
+            out.append(self._records(run, student, (lease, plan, d.version), members, scores, rewards))
             start += len(group)
         return out
 
@@ -397,35 +414,47 @@ class RolloutWorker:
             await asyncio.sleep(producer.config.lease_ttl_s / 3)
             await producer.renew(lease)
 
-    async def _work_on(
-        self, run: _Run, student: _Student, producer: RolloutProducer, leases: list[PromptLease]
-    ) -> int:
-        """Sample, score and publish the leased prompts' groups; returns the number published."""
-        keepers = [asyncio.create_task(self._keep_lease(producer, x)) for x in leases]
+    async def _publish(self, run: _Run, student: _Student, producer: RolloutProducer, d: _Drawn) -> int:
+        """Score and publish drawn groups (a teacher or the reward service down: retry the scoring,
+        publish nothing partial); returns the number published. Ends the leases' renewal."""
         try:
-            plans = await self._plans(run.spec, leases)
             while True:
                 try:
-                    groups = await self._groups(run, student, leases, plans)
+                    groups = await self._groups(run, student, d)
                     break
                 except (aio.AioRpcError, TeacherError, ConnectionError) as err:
-                    # a teacher or the reward service is down: retry the whole batch, publish nothing partial
-                    if any(k.done() for k in keepers):
+                    if any(k.done() for k in d.keepers):
                         raise
                     wait = self.cfg.retry_backoff_s
-                    log.warning("%d prompts: %s; retrying in %.1f s", len(leases), err, wait)
+                    log.warning("%d prompts: %s; retrying in %.1f s", len(d.leases), err, wait)
                     await asyncio.sleep(wait)
             published = 0
-            for lease, records in zip(leases, groups, strict=True):
+            for lease, records in zip(d.leases, groups, strict=True):
                 try:
                     await producer.publish(lease, records)
                     published += 1
                 except LeaseLost as err:  # another worker has this prompt now; the others still count
                     log.warning("%s; moving on", err)
             return published
+        except LeaseLost as err:
+            log.warning("%s; moving on", err)
+            return 0
         finally:
+            for k in d.keepers:
+                k.cancel()
+
+    async def _draw_leased(
+        self, run: _Run, student: _Student, producer: RolloutProducer, leases: list[PromptLease]
+    ) -> _Drawn:
+        keepers = [asyncio.create_task(self._keep_lease(producer, x)) for x in leases]
+        try:
+            drawn = await self._drawn(run, student, leases)
+        except BaseException:
             for k in keepers:
                 k.cancel()
+            raise
+        drawn.keepers = keepers
+        return drawn
 
     async def _run_over(self) -> bool:
         status = await self.client.hget(runstate.run_state_key(self.cfg.run_id), "status")
@@ -433,7 +462,11 @@ class RolloutWorker:
         return _text(status) in (runstate.RunStatus.SUCCEEDED, runstate.RunStatus.FAILED)
 
     async def run(self, stop: asyncio.Event, poll_s: float = 0.2) -> int:
-        """Work until the run ends or ``stop`` is set; returns the number of groups published."""
+        """Work until the run ends or ``stop`` is set; returns the number of groups published.
+
+        Two batches overlap: while one batch waits for its teacher scores and rewards and is
+        published, the next is leased and sampled (the staleness bound still limits what is leased).
+        """
         run, student = await self._load_run()
         spec = run.spec
         producer = RolloutProducer(
@@ -446,18 +479,30 @@ class RolloutWorker:
         )  # fmt: skip
         batch = self.cfg.prompts_per_batch or spec.sampling.prompts_per_step
         published, wait = 0, _FIRST_WAIT_S
-        while not stop.is_set() and not await self._run_over():
-            leases, _ = await producer.try_lease_many(batch)
-            if not leases:  # the learner lags by max_staleness versions: wait, drop nothing
-                await asyncio.sleep(wait)
-                # short waits first: a fast learner frees capacity within milliseconds
-                wait = min(2 * wait, poll_s)
-                continue
-            wait = _FIRST_WAIT_S
-            try:
-                published += await self._work_on(run, student, producer, leases)
-            except LeaseLost as err:
-                log.warning("%s; moving on", err)
+        publishing: asyncio.Task[int] | None = None  # the previous batch, being scored and published
+        try:
+            while not stop.is_set() and not await self._run_over():
+                leases, _ = await producer.try_lease_many(batch)
+                if not leases and publishing is not None:  # publishing it may be what frees capacity
+                    published += await publishing
+                    publishing = None
+                    continue
+                if not leases:  # the learner lags by max_staleness versions: wait, drop nothing
+                    await asyncio.sleep(wait)
+                    # short waits first: a fast learner frees capacity within milliseconds
+                    wait = min(2 * wait, poll_s)
+                    continue
+                wait = _FIRST_WAIT_S
+                drawn = await self._draw_leased(run, student, producer, leases)
+                if publishing is not None:
+                    published += await publishing
+                publishing = asyncio.create_task(self._publish(run, student, producer, drawn))
+            if publishing is not None:
+                published += await publishing
+                publishing = None
+        finally:
+            if publishing is not None:
+                publishing.cancel()
         return published
 
 

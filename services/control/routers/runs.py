@@ -106,7 +106,7 @@ async def resume_run(run_id: str, store: RunStoreDep) -> RunSummary:
 def _summary(run_id: str, state: RunState) -> RunSummary:
     return RunSummary(
         id=run_id, name=state.name, status=state.status, desired=state.desired, step=state.step,
-        created_at=state.created_at, updated_at=state.updated_at,
+        created_at=state.created_at, updated_at=state.updated_at, started_at=state.started_at,
     )  # fmt: skip
 
 
