@@ -273,13 +273,20 @@ def test_concurrent_commands_are_serialized(stack: ControlStack) -> None:
 def test_learner_honours_stop_and_finished_runs_refuse_commands(stack: ControlStack) -> None:
     run_id = _run(stack)
     learner = LearnerStateDriver(stack.redis, run_id)
+    created = stack.http.get(f"/v1/runs/{run_id}").json()
+    assert created["started_at"] == 0.0
     learner.command(rs.Command.START)
+    started = stack.http.get(f"/v1/runs/{run_id}").json()["started_at"]
+    assert started >= created["created_at"]
     assert _command(stack, run_id, "stop").json()["desired"] == "stop"
     learner.command(rs.Command.HALT)
     assert stack.http.get(f"/v1/runs/{run_id}").json()["status"] == "stopped"
     assert _command(stack, run_id, "resume").json()["status"] == "queued"
     learner.command(rs.Command.START)
     learner.command(rs.Command.FINISH)
+    finished = stack.http.get(f"/v1/runs/{run_id}").json()
+    assert finished["started_at"] == started  # the first start; a resume does not move it
+    assert finished["updated_at"] >= started
     body = assert_problem(_command(stack, run_id, "resume"), 409)
     assert "succeeded" in body["detail"]
     assert_problem(_command(stack, run_id, "stop"), 409)
