@@ -6,6 +6,7 @@ Top to bottom, one run (``python -m learner --run-id ID``)::
                 → consumer group on the rollout stream → publish the starting weights
     each step:  whole prompt groups → student logits → Dense + Sparse objective (learner.objective)
                 → clip → optimizer step → publish weights (version + 1) → metrics
+                (publication and metrics run in order on a background thread: learner.side_writes)
     metrics:    one entry per step in the run's metrics stream; besides the loss parts, ``data_wait_s``
                 (seconds spent waiting for whole groups in ``_next_batch`` since the previous step),
                 ``wait_fraction`` (that wait over the step's wall time) and ``wait_fraction_total``

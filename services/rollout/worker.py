@@ -436,9 +436,6 @@ class RolloutWorker:
                 except LeaseLost as err:  # another worker has this prompt now; the others still count
                     log.warning("%s; moving on", err)
             return published
-        except LeaseLost as err:
-            log.warning("%s; moving on", err)
-            return 0
         finally:
             for k in d.keepers:
                 k.cancel()
