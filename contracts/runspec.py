@@ -104,9 +104,10 @@ class LengthCurriculumSpec(_Spec):
             raise ValueError(f"length_curriculum.start: {self.start} exceeds max {self.max}")
         return self
 
-    def limit(self, stored: int | None) -> int:
-        """The length limit in effect: the one the learner stored (kept within [1, max]), else start."""
-        return self.start if stored is None else min(max(stored, 1), self.max)
+    def limit(self, stored: bytes | str | int | None) -> int:
+        """The length limit in effect: the one the learner stored (a Redis value; kept within
+        [1, max]), else start."""
+        return self.start if stored is None else min(max(int(stored), 1), self.max)
 
 
 class SamplingSpec(_Spec):

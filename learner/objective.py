@@ -112,12 +112,12 @@ def _check_token_weights(cfg: ObjectiveConfig) -> None:
     if not _number(threshold) or threshold < 0:
         raise _fail("token_importance_threshold", f"must be finite and >= 0, got {threshold!r}")
     if cfg.selective not in SELECTIVE:
-        raise ObjectiveError(f"selective: unknown {cfg.selective!r}; valid: {list(SELECTIVE)}")
+        raise _fail("selective", f"unknown {cfg.selective!r}; valid: {list(SELECTIVE)}")
     k = cfg.selective_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ObjectiveError(f"selective_k: must be an integer >= 1, got {k!r}")
+        raise _fail("selective_k", f"must be an integer >= 1, got {k!r}")
     if not _number(cfg.selective_beta) or not 0.0 <= cfg.selective_beta <= 1.0:
-        raise ObjectiveError(f"selective_beta: must be a number in [0, 1], got {cfg.selective_beta!r}")
+        raise _fail("selective_beta", f"must be a number in [0, 1], got {cfg.selective_beta!r}")
 
 
 def _check_config(cfg: ObjectiveConfig) -> None:

@@ -97,8 +97,7 @@ def grow_length(current: int, entropy: float, lc: LengthCurriculumSpec) -> int:
 
 def read_length(client: redis.Redis, run_id: str, lc: LengthCurriculumSpec) -> int:
     """The response length limit in effect: the stored one, else ``lc.start``."""
-    raw = client.hget(keys.length_curriculum(run_id), "max_new_tokens")
-    return lc.limit(None if raw is None else int(_text(raw)))
+    return lc.limit(client.hget(keys.length_curriculum(run_id), "max_new_tokens"))
 
 
 def advance_length(

@@ -276,8 +276,7 @@ class RolloutWorker:
         lc = spec.sampling.length_curriculum
         if lc is None:
             return spec.sampling.max_new_tokens
-        raw = await self.client.hget(keys.length_curriculum(self.cfg.run_id), "max_new_tokens")
-        return lc.limit(None if raw is None else int(_text(raw)))
+        return lc.limit(await self.client.hget(keys.length_curriculum(self.cfg.run_id), "max_new_tokens"))
 
     async def _draw(
         self, student: _Student, prompts: list[list[int]], cfg: SamplingConfig
