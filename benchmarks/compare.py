@@ -84,10 +84,6 @@ class Result:
     student_tokens: int
     curve: list[tuple[int, float]] = field(default_factory=list)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.student_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
 
 # -- the methods -----------------------------------------------------------------------------------
 
