@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import redis.asyncio
 from grpc import aio
@@ -152,7 +153,7 @@ class RolloutWorker:
         self.client = client
         self.rng = np.random.default_rng(cfg.seed)
 
-    async def _load_run(self) -> tuple[_Run, _Student]:
+    async def _load_run(self, stop: asyncio.Event) -> tuple[_Run, _Student]:
         raw = await self.client.get(runstate.run_spec_key(self.cfg.run_id))
         if raw is None:
             raise RuntimeError(f"run {self.cfg.run_id}: no spec in Redis; create the run first")
@@ -178,14 +179,16 @@ class RolloutWorker:
         student = _Student(sampler, tokenizer)
         expected = fingerprint(tokenizer)
         for ref in spec.teachers:
-            run.teachers[ref.name] = await self._teacher(ref.name, expected)
+            run.teachers[ref.name] = await self._teacher(ref.name, expected, stop)
         if spec.rewards:
             if self.cfg.reward_address is None:
                 raise RuntimeError("reward_address: the run has rewards, pass --reward-address")
             run.rewards = RewardClient(self.cfg.reward_address, self.cfg.reward_token)
         return run, student
 
-    async def _teacher(self, name: str, expected_fingerprint: str) -> TeacherClient:
+    async def _teacher(self, name: str, expected_fingerprint: str, stop: asyncio.Event) -> TeacherClient:
+        """A client of the registered teacher whose tokenizer matches the student's. A teacher that
+        is down is waited for, as during the run, until it is back, the run ends or ``stop`` is set."""
         raw = await self.client.hget(runstate.teachers_key(), name)
         if raw is None:
             raise RuntimeError(f"teachers: {name!r} is not registered (POST /v1/teachers)")
@@ -193,8 +196,16 @@ class RolloutWorker:
         teacher = TeacherClient(
             [address], token=self.cfg.teacher_token, deadline_s=self.cfg.teacher_deadline_s
         )
-        await teacher.check_fingerprint(expected_fingerprint)
-        return teacher
+        while True:
+            try:
+                await teacher.check_fingerprint(expected_fingerprint)
+                return teacher
+            except aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or stop.is_set() or await self._run_over():
+                    raise
+                wait = self.cfg.retry_backoff_s
+                log.warning("teacher %r at %s is unavailable; retrying in %.1f s", name, address, wait)
+                await asyncio.sleep(wait)
 
     async def _refresh_weights(self, student: _Student) -> None:
         version = await self.client.get(keys.policy_version(self.cfg.run_id))
@@ -463,7 +474,7 @@ class RolloutWorker:
         Two batches overlap: while one batch waits for its teacher scores and rewards and is
         published, the next is leased and sampled (the staleness bound still limits what is leased).
         """
-        run, student = await self._load_run()
+        run, student = await self._load_run(stop)
         spec = run.spec
         producer = RolloutProducer(
             self.client,
