@@ -22,13 +22,14 @@ as TRL's excludes loading the models and building its trainer; the rollout worke
 (loading the student, checking the teacher's tokenizer) falls inside it. The off-policy ones and
 TRL run in this process.
 Held-out greedy exact match is measured on checkpoints along the way (the PNG) and at the end
-(the table, short = 2-digit and long = 8-digit operands); KL is the mean per-token
+(the table, short = 2-digit and long = 8-digit operands), with the mean number of wrong digits of
+a long answer (the "total error" that DAgger bounds, seed 002 ch. 2); KL is the mean per-token
 KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every method runs
 once per seed (sampling, prompt order); the table gives means, accuracy ± its std over seeds.
 "Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
 by the teacher (off-policy, whose wall time includes that sampling).
 
-    .venv/bin/python -m benchmarks.compare                  # every method x 3 seeds, ~8 min on 2 cores
+    .venv/bin/python -m benchmarks.compare                  # every method x 3 seeds, ~15 min on 2 cores
     .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50 --seeds 0
 """
 
@@ -79,6 +80,7 @@ class Budget:
 class Result:
     method: str
     accuracy: dict[int, float]
+    wrong_digits: float  # per held-out answer at the longest length: the seed's "total error"
     kl: float
     wall_s: float
     student_tokens: int
@@ -142,8 +144,9 @@ def _mean(acc: dict[int, float]) -> float:
 def finish(method: str, model: Any, teacher: Any, b: Budget, wall_s: float, tokens: int,
            curve: list[tuple[int, float]]) -> Result:  # fmt: skip
     acc = am.evaluate(model, EVAL_LENGTHS, b.eval_count)
+    wrong = am.wrong_digits(model, [LONG], b.eval_count)[LONG]
     kl = am.kl_to_teacher(model, teacher, EVAL_LENGTHS)
-    return Result(method, acc, kl, wall_s, tokens, curve)
+    return Result(method, acc, wrong, kl, wall_s, tokens, curve)
 
 
 # -- off-policy KD, in this process ----------------------------------------------------------------
@@ -248,10 +251,10 @@ def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: An
 # -- report ----------------------------------------------------------------------------------------
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], fmt: str = "{:.1%}") -> str:
     """Mean, and ± the standard deviation over seeds when there are several."""
-    mean = statistics.fmean(values)
-    return f"{mean:.1%}" + (f" ± {statistics.pstdev(values):.1%}" if len(values) > 1 else "")
+    mean = fmt.format(statistics.fmean(values))
+    return mean + (" ± " + fmt.format(statistics.pstdev(values)) if len(values) > 1 else "")
 
 
 def _speed(rs: list[Result]) -> float:
@@ -262,16 +265,18 @@ def _speed(rs: list[Result]) -> float:
 def table(runs: dict[str, list[Result]]) -> str:
     """One row per method: means over the seeds (accuracy ± std), and tokens/s as a ratio to TRL's
     measured in the same process (the baseline; "-" when TRL did not run)."""
-    head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit | KL to teacher "
-            "| wall s | student tokens | tokens/s | tokens/s vs trl |")  # fmt: skip
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit "
+            f"| wrong digits per {LONG}-digit answer | KL to teacher | wall s | student tokens "
+            "| tokens/s | tokens/s vs trl |")  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     baseline = _speed(runs["trl"]) if runs.get("trl") else None
     for method, rs in runs.items():
         wall, tokens = sum(r.wall_s for r in rs), sum(r.student_tokens for r in rs)
         short, long = _spread([r.accuracy[SHORT] for r in rs]), _spread([r.accuracy[LONG] for r in rs])
         ratio = f"{_speed(rs) / baseline:.2f}x" if baseline else "-"
+        wrong = _spread([r.wrong_digits for r in rs], "{:.3f}")
         lines.append(
-            f"| {method} | {short} | {long} | {statistics.fmean(r.kl for r in rs):.4f} "
+            f"| {method} | {short} | {long} | {wrong} | {statistics.fmean(r.kl for r in rs):.4f} "
             f"| {wall / len(rs):.1f} | {tokens // len(rs)} | {_speed(rs):.0f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -314,7 +319,8 @@ def run_trl_method(teacher_dir: Path, student_dir: Path, train: Path, work: Path
                   eval_lengths=EVAL_LENGTHS, seed=b.seed)  # fmt: skip
     accuracy = {int(k): float(v) for k, v in out["accuracy"].items()}
     curve = [(int(s), float(a)) for s, a in out["curve"]]
-    return Result("trl", accuracy, float(out["kl"]), float(out["wall_s"]), int(out["student_tokens"]), curve)
+    wrong, kl, wall = float(out["wrong_digits"][LONG]), float(out["kl"]), float(out["wall_s"])
+    return Result("trl", accuracy, wrong, kl, wall, int(out["student_tokens"]), curve)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from services.control.arithmetic import read_dataset
-from services.control.arithmetic_models import encode, evaluate, kl_to_teacher, load
+from services.control.arithmetic_models import encode, evaluate, kl_to_teacher, load, wrong_digits
 
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -224,12 +224,14 @@ def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Pa
     trained = trainer.model
     trained.eval()
     accuracy = evaluate(trained, eval_lengths, count=final_count)
+    wrong = wrong_digits(trained, eval_lengths, count=final_count)
     kl = kl_to_teacher(trained, teacher, eval_lengths, count=kl_count)
     trained.save_pretrained(out_dir / "trl" / "student")
     tokenizer.save_pretrained(out_dir / "trl" / "student")
     tokens = trainer.student_tokens
     return {
         "accuracy": accuracy,
+        "wrong_digits": wrong,
         "curve": curve.points,
         "kl": kl,
         "wall_s": wall_s,

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from services.control.arithmetic import MAX_DIGITS, Problem, is_test, problems, read_dataset, write_dataset
+from services.control.arithmetic import (
+    MAX_DIGITS,
+    Problem,
+    digit_errors,
+    is_test,
+    problems,
+    read_dataset,
+    write_dataset,
+)
 from services.reward.verifiers.builtin import exact_match
 
 
@@ -71,3 +79,12 @@ def test_tokens_decode_to_the_answer_text(tmp_path: Path) -> None:
     p = Problem(57, 68, 2)
     assert tok.encode(p.prompt) == encode(p.prompt)
     assert tok.decode([*encode(p.answer), EOS], skip_special_tokens=True) == p.answer
+
+
+@pytest.mark.parametrize(
+    ("got", "errors"),
+    [("4 7 4 0", 0), ("4 7 5 0", 1), ("5 7 4 1", 2), ("4 7 4", 1), ("4 7 4 0 0", 1), ("", 4), ("7 4 0", 4)],
+)
+def test_digit_errors_count_wrong_missing_and_extra_positions(got: str, errors: int) -> None:
+    # positions are compared in place: a dropped digit shifts, so every later one is wrong too
+    assert digit_errors(got, "4 7 4 0") == errors

@@ -15,7 +15,7 @@ from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 # TRL 1.16 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates
 TRL_DEPRECATION = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
-KEYS = {"accuracy", "curve", "kl", "wall_s", "student_tokens", "tokens_per_s"}
+KEYS = {"accuracy", "wrong_digits", "curve", "kl", "wall_s", "student_tokens", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def test_two_steps_train_the_student_and_count_its_tokens(models: dict[str, Path
     )  # fmt: skip
     assert result.keys() >= KEYS
     assert set(result["accuracy"]) == {1, 2} and all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+    # an n-digit problem's answer has n + 1 digits; a greedy answer is cut at n + 2 tokens
+    assert all(0.0 <= result["wrong_digits"][n] <= n + 2 for n in (1, 2))
     assert [step for step, _ in result["curve"]] == [0, 1, 2]
     assert result["kl"] >= 0.0 and result["wall_s"] > 0.0
     # every sampled answer has at least one token and at most max_new_tokens

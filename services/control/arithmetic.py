@@ -20,6 +20,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -48,6 +49,11 @@ class Problem:
 def _digits(x: int, width: int) -> str:
     """``x`` as ``width`` space-separated digits, least significant first."""
     return " ".join(reversed(str(x).zfill(width)))
+
+
+def digit_errors(got: str, answer: str) -> int:
+    """Positions where answer text ``got`` differs from ``answer``; a missing or extra token counts."""
+    return sum(g != a for g, a in zip_longest(got.split(), answer.split()))
 
 
 def is_test(a: int, b: int, digits: int) -> bool:

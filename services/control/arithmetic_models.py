@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from services.control.arithmetic import MAX_DIGITS, SPECIALS, WORDS, problems
+from services.control.arithmetic import MAX_DIGITS, SPECIALS, WORDS, digit_errors, problems
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 EOS, PAD = SPECIALS.index("</s>"), SPECIALS.index("<pad>")
@@ -110,15 +110,34 @@ def greedy_answers(model: PreTrainedModel, prompts: Sequence[str], digits: int) 
     return answers
 
 
+def _graded(model: PreTrainedModel, n: int, count: int, seed: int) -> list[tuple[str, str]]:
+    """(greedy answer, true answer) of ``count`` held-out problems of ``n``-digit operands."""
+    rows = list(problems(n, "test", count, seed))
+    answers = greedy_answers(model, [p.prompt for p in rows], n)
+    return list(zip(answers, [p.answer for p in rows], strict=True))
+
+
 def evaluate(
     model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
 ) -> dict[int, float]:
     """Held-out exact match per answer length (operand digits)."""
     result = {}
     for n in lengths:
-        rows = list(problems(n, "test", count, seed))
-        got = greedy_answers(model, [p.prompt for p in rows], n)
-        result[n] = sum(g == p.answer for g, p in zip(got, rows, strict=True)) / len(rows)
+        graded = _graded(model, n, count, seed)
+        result[n] = sum(got == answer for got, answer in graded) / len(graded)
+    return result
+
+
+def wrong_digits(
+    model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
+) -> dict[int, float]:
+    """Mean :func:`~services.control.arithmetic.digit_errors` of held-out greedy answers, per answer
+    length: the "total error" that seed 002 (chapter 2) bounds by ε·T² for off-policy training and
+    by ε·T on-policy; exact match only asks whether it is zero."""
+    result = {}
+    for n in lengths:
+        graded = _graded(model, n, count, seed)
+        result[n] = sum(digit_errors(got, answer) for got, answer in graded) / len(graded)
     return result
 
 
