@@ -329,13 +329,14 @@ def main() -> None:
     p.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's cached models")
     p.add_argument("--methods", default="all", help="comma-separated names (default: all)")
     p.add_argument("--steps", type=int, default=Budget.steps)
+    p.add_argument("--lr", type=float, default=Budget.lr, help="every method's learning rate")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs once per seed")
     a = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
-    specs = stack_specs(student_dir, train, Budget(steps=a.steps))
+    specs = stack_specs(student_dir, train, Budget(steps=a.steps, lr=a.lr))
     names = list(ORDER) + [n for n in specs if n not in ORDER] if a.methods == "all" else a.methods.split(",")
     unknown = [n for n in names if n not in (*OFFLINE, "trl", *specs)]
     if unknown:
@@ -345,7 +346,7 @@ def main() -> None:
     runs: dict[str, list[Result]] = {name: [] for name in names}
     for seed in [int(x) for x in a.seeds.split(",")]:
         print(f"== seed {seed}", flush=True)
-        b = Budget(steps=a.steps, seed=seed)
+        b = Budget(steps=a.steps, lr=a.lr, seed=seed)
         seed_specs = stack_specs(student_dir, train, b)
         for r in _run_all(names, seed_specs, teacher, teacher_dir, student_dir, train, a, b):
             runs[r.method].append(r)
