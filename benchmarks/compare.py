@@ -143,10 +143,9 @@ def _mean(acc: dict[int, float]) -> float:
 
 def finish(method: str, model: Any, teacher: Any, b: Budget, wall_s: float, tokens: int,
            curve: list[tuple[int, float]]) -> Result:  # fmt: skip
-    acc = am.evaluate(model, EVAL_LENGTHS, b.eval_count)
-    wrong = am.wrong_digits(model, [LONG], b.eval_count)[LONG]
+    acc, wrong = am.grade(model, EVAL_LENGTHS, b.eval_count)
     kl = am.kl_to_teacher(model, teacher, EVAL_LENGTHS)
-    return Result(method, acc, wrong, kl, wall_s, tokens, curve)
+    return Result(method, acc, wrong[LONG], kl, wall_s, tokens, curve)
 
 
 # -- off-policy KD, in this process ----------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from services.control.arithmetic import read_dataset
-from services.control.arithmetic_models import encode, evaluate, kl_to_teacher, load, wrong_digits
+from services.control.arithmetic_models import encode, evaluate, grade, kl_to_teacher, load
 
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -223,8 +223,7 @@ def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Pa
     peak_mb = _peak_rss_mb()
     trained = trainer.model
     trained.eval()
-    accuracy = evaluate(trained, eval_lengths, count=final_count)
-    wrong = wrong_digits(trained, eval_lengths, count=final_count)
+    accuracy, wrong = grade(trained, eval_lengths, count=final_count)
     kl = kl_to_teacher(trained, teacher, eval_lengths, count=kl_count)
     trained.save_pretrained(out_dir / "trl" / "student")
     tokenizer.save_pretrained(out_dir / "trl" / "student")

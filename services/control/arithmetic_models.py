@@ -110,35 +110,27 @@ def greedy_answers(model: PreTrainedModel, prompts: Sequence[str], digits: int) 
     return answers
 
 
-def _graded(model: PreTrainedModel, n: int, count: int, seed: int) -> list[tuple[str, str]]:
-    """(greedy answer, true answer) of ``count`` held-out problems of ``n``-digit operands."""
-    rows = list(problems(n, "test", count, seed))
-    answers = greedy_answers(model, [p.prompt for p in rows], n)
-    return list(zip(answers, [p.answer for p in rows], strict=True))
+def grade(
+    model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Held-out exact match and mean :func:`~services.control.arithmetic.digit_errors` per answer
+    length (operand digits), from one greedy pass. The wrong digits are the "total error" that
+    seed 002 (chapter 2) bounds by ε·T² for off-policy training and by ε·T on-policy; exact match
+    only asks whether it is zero."""
+    exact, wrong = {}, {}
+    for n in lengths:
+        rows = list(problems(n, "test", count, seed))
+        got = greedy_answers(model, [p.prompt for p in rows], n)
+        exact[n] = sum(g == p.answer for g, p in zip(got, rows, strict=True)) / len(rows)
+        wrong[n] = sum(digit_errors(g, p.answer) for g, p in zip(got, rows, strict=True)) / len(rows)
+    return exact, wrong
 
 
 def evaluate(
     model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
 ) -> dict[int, float]:
     """Held-out exact match per answer length (operand digits)."""
-    result = {}
-    for n in lengths:
-        graded = _graded(model, n, count, seed)
-        result[n] = sum(got == answer for got, answer in graded) / len(graded)
-    return result
-
-
-def wrong_digits(
-    model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
-) -> dict[int, float]:
-    """Mean :func:`~services.control.arithmetic.digit_errors` of held-out greedy answers, per answer
-    length: the "total error" that seed 002 (chapter 2) bounds by ε·T² for off-policy training and
-    by ε·T on-policy; exact match only asks whether it is zero."""
-    result = {}
-    for n in lengths:
-        graded = _graded(model, n, count, seed)
-        result[n] = sum(digit_errors(got, answer) for got, answer in graded) / len(graded)
-    return result
+    return grade(model, lengths, count, seed)[0]
 
 
 @torch.no_grad()
