@@ -1,10 +1,12 @@
-"""Rollout sampling throughput: the ``vllm`` sampler against the ``hf`` one, measured in the same run.
+"""Rollout sampling throughput: the ``hf`` sampler's KV-cached decoder against transformers'
+``generate``, and the ``vllm`` sampler against the ``hf`` one, measured in the same run.
 
 Builds a random Llama offline (no hub), then for each sampler times ``sample()`` of ``--prompts``
 prompts × ``--k`` responses of up to ``--new-tokens`` tokens (EOS off, so every response has full
-length) and one weight reload from a safetensors file. Prints generated tokens/s and the vllm/hf
-ratio. The hf sampler runs on CUDA when there is one, else on the CPU; the vllm sampler needs a
-CUDA GPU and the ``gpu`` extra, and is reported as unavailable otherwise.
+length) and one weight reload from a safetensors file. Prints generated tokens/s and the ratios.
+The hf sampler runs on CUDA when there is one, else on the CPU; the vllm sampler needs a
+CUDA GPU and the ``gpu`` extra, and is reported as unavailable otherwise. ``--hidden 48 --layers 2
+--new-tokens 10 --prompts 8`` is the demo's student and batch.
 
 Run: ``python -m benchmarks.bench_rollout_sampler [--prompts 16] [--k 4] [--new-tokens 64]``.
 """
@@ -68,6 +70,11 @@ def main() -> None:
         print(
             f"hf   ({device}): {tokens / hf_s:10.0f} tokens/s  reload {_reload_s(hf, weights) * 1e3:7.1f} ms"
         )
+        decoder, hf.decoder = hf.decoder, None  # the same sampler on transformers' generate
+        generate_s = _time(hf, prompts, cfg, a.repeats)
+        hf.decoder = decoder
+        print(f"hf generate ({device}): {tokens / generate_s:10.0f} tokens/s")
+        print(f"cached decoder / generate throughput ratio: {generate_s / hf_s:.2f}x")
         del hf
         try:
             vllm = make_sampler("vllm", str(model_dir), vllm=VllmSamplerConfig(gpu_memory_utilization=0.3))

@@ -1,4 +1,4 @@
-"""The rollout worker's view of a sampler, and the ``hf`` one (transformers ``generate``, any device).
+"""The rollout worker's view of a sampler, and the ``hf`` one (a transformers model, any device).
 
 The worker talks to a ``Sampler`` only, so ``--sampler hf`` (the default) and ``--sampler vllm``
 (services.rollout.vllm_sampling, GPU) are interchangeable: both return the same ``Sample`` records
@@ -8,13 +8,13 @@ name; an unknown name raises an error that lists the valid ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from services.rollout.cached_decoder import CachedDecoder, supports
 from services.rollout.sampling import Sample, SamplingConfig, sample
 from services.rollout.vllm_sampling import VllmSamplerConfig, load_vllm_sampler
 
@@ -36,21 +36,25 @@ class Sampler(Protocol):
         ...
 
 
-@dataclass
 class HfSampler:
-    """The student as a transformers model; sampling is ``services.rollout.sampling.sample``."""
+    """The student as a transformers model; sampling is ``services.rollout.sampling.sample``, through
+    the KV-cached decoder (services.rollout.cached_decoder) for the architectures it supports."""
 
-    model: PreTrainedModel
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.decoder = CachedDecoder(model) if supports(model) else None
 
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def sample(self, prompts: list[list[int]], cfg: SamplingConfig, seed: int | None) -> list[Sample]:
-        return sample(self.model, prompts, cfg, seed)
+        return sample(self.model, prompts, cfg, seed, self.decoder)
 
     def load_weights(self, path: str) -> None:
         self.model.load_state_dict(safetensors.torch.load_file(path))
+        if self.decoder is not None:  # its fused matrices are copies of the old weights
+            self.decoder = CachedDecoder(self.model)
 
 
 def make_sampler(

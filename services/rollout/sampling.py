@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel
+
+from services.rollout.cached_decoder import CachedDecoder
 
 
 @dataclass
@@ -66,17 +69,34 @@ def sample(
     prompts: list[list[int]],
     cfg: SamplingConfig,
     generator_seed: int | None = None,
+    decoder: CachedDecoder | None = None,
 ) -> list[Sample]:
-    """K responses for each prompt, grouped prompt by prompt."""
+    """K responses for each prompt, grouped prompt by prompt; through ``decoder`` when given (the
+    same model's fast path, services.rollout.cached_decoder), else transformers' ``generate``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: every prompt needs at least one token")
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, cfg.pad_token_id)
+    if decoder is not None:
+        k = cfg.responses_per_prompt
+        new_tokens, logits = decoder.generate(
+            ids.repeat_interleave(k, 0).to(device), mask.repeat_interleave(k, 0).to(device),
+            cfg.max_new_tokens, cfg.temperature, cfg.eos_token_id, cfg.pad_token_id,
+        )  # fmt: skip
+    else:
+        new_tokens, logits = _generate(model, ids.to(device), mask.to(device), cfg)
+    return _samples(prompts, new_tokens.cpu(), logits.float().cpu(), cfg)
+
+
+def _generate(
+    model: PreTrainedModel, ids: Tensor, mask: Tensor, cfg: SamplingConfig
+) -> tuple[Tensor, Tensor]:
+    """transformers' ``generate``: the new tokens (P*K, T) and the raw logits that predicted them."""
     out = model.generate(  # type: ignore[operator]
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+        input_ids=ids,
+        attention_mask=mask,
         do_sample=True,
         temperature=cfg.temperature,
         top_k=0,
@@ -88,8 +108,13 @@ def sample(
         pad_token_id=cfg.pad_token_id,
         eos_token_id=cfg.eos_token_id,
     )
-    new_tokens = out.sequences[:, ids.shape[1] :].cpu()  # (P*K, T_max)
-    logits = torch.stack(out.logits, dim=1).float().cpu()  # (P*K, T_max, V), raw (before warpers)
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def _samples(
+    prompts: list[list[int]], new_tokens: Tensor, logits: Tensor, cfg: SamplingConfig
+) -> list[Sample]:
+    """``Sample`` records from the new tokens (P*K, T) and their raw logits (P*K, T, V)."""
     logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
     sampled_lp = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
     top_ids = logits.topk(cfg.record_top_k, dim=-1).indices if cfg.record_top_k else None
