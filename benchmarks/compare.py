@@ -50,7 +50,7 @@ import torch
 
 from learner.checkpoint import complete_checkpoint_dirs
 from services.control import arithmetic_models as am
-from services.control.arithmetic import read_dataset, write_dataset
+from services.control.arithmetic import MAX_DIGITS, answer_room, read_dataset, write_dataset
 from services.control.client import ApiClient
 from services.control.demo import EVAL_LENGTHS, TEACHER_NAME, DemoConfig, build_models, run_spec, stack_config
 from services.control.stack import LocalStack
@@ -65,7 +65,7 @@ class Budget:
     steps: int = 150
     prompts_per_step: int = 8
     responses_per_prompt: int = 4
-    max_new_tokens: int = 10
+    max_new_tokens: int = answer_room(MAX_DIGITS)  # the longest answer, </s> and one correction
     lr: float = 1e-3
     curve_points: int = 6  # accuracy measured this many times along each run
     eval_count: int = 200  # held-out problems per length for the final table

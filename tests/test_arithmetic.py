@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 
 from services.control.arithmetic import (
+    ERASE,
     MAX_DIGITS,
     Problem,
+    answer_of,
     digit_errors,
     is_test,
     problems,
     read_dataset,
+    with_correction,
     write_dataset,
 )
 from services.reward.verifiers.builtin import exact_match
@@ -58,12 +61,35 @@ def test_dataset_file_feeds_the_exact_match_verifier(tmp_path: Path) -> None:
     row = rows[0]
     reference = {"answer": row["answer"]}
 
-    def score(response: str) -> float:  # the demo's verifier: exact_match with extract none
-        return exact_match(row["prompt"], response, reference, extract="none").values["exact_match"]
+    def score(response: str) -> float:  # the demo's verifier: exact_match, no extraction, "<" erases
+        out = exact_match(row["prompt"], response, reference, extract="none", erase=ERASE)
+        return out.values["exact_match"]
 
+    wrong_last = row["answer"][:-1] + ("1" if row["answer"][-1] != "1" else "2")
     assert score(row["answer"]) == 1.0 and score(" " + row["answer"] + " ") == 1.0
-    assert score(row["answer"][:-1] + ("1" if row["answer"][-1] != "1" else "2")) == 0.0
+    assert score(wrong_last) == 0.0
     assert score(row["answer"] + " 0") == 0.0
+    assert score(wrong_last + " < " + row["answer"][-1]) == 1.0  # a mistake taken back
+    first_wrong = "9" if row["answer"][0] != "9" else "8"
+    assert score(with_correction(row["answer"], 0, first_wrong)) == 1.0
+    assert score(row["answer"] + " <") == 0.0  # the last digit erased
+
+
+@pytest.mark.parametrize(
+    ("response", "answer"),
+    [("4 7 4 0", "4 7 4 0"), ("4 9 < 7 4 0", "4 7 4 0"), ("4 7 4 0 1 <", "4 7 4 0"),
+     ("< 4 7", "4 7"), ("4 < < 7", "7"), ("1 2 < < < 3", "3"), ("", "")],
+)  # fmt: skip
+def test_erasures_take_back_the_word_before(response: str, answer: str) -> None:
+    assert answer_of(response) == answer
+
+
+def test_a_correction_shows_one_wrong_digit_erased() -> None:
+    assert with_correction("4 7 4 0", 1, "9") == "4 9 < 7 4 0"
+    assert answer_of(with_correction("4 7 4 0", 3, "5")) == "4 7 4 0"
+    for position, wrong in ((4, "1"), (1, "7"), (0, "x")):
+        with pytest.raises(ValueError, match="position"):
+            with_correction("4 7 4 0", position, wrong)
 
 
 def test_tokens_decode_to_the_answer_text(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def _demo(work: Path) -> str:
 def test_demo_trains_once_then_reports_before_and_after(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     first = _demo(work)
-    assert "training the teacher" in first and "warming up the student" in first
+    assert "training the teacher" in first and "training the student" in first
     for row in ("teacher", "student before", "student after"):
         line = next(x for x in first.splitlines() if x.startswith(row + " ") and x.endswith("%"))
         cells = [float(c.rstrip("%")) for c in line[23:].split()]
@@ -35,7 +35,8 @@ def test_demo_trains_once_then_reports_before_and_after(tmp_path: Path) -> None:
     assert "dense KL to the teacher" in first
     # cached models: the second run trains nothing and measures the same teacher
     second = _demo(work)
-    assert "training the teacher" not in second and "warming up the student" not in second
+    assert "training the teacher" not in second and "training the student" not in second
+    assert "using the cached teacher" in second
     def teacher_row(out: str) -> list[str]:
         return [x for x in out.splitlines() if x.startswith("teacher ") and x.endswith("%")]
 

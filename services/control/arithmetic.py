@@ -5,9 +5,15 @@ says the difficulty). Numbers are written least-significant digit first, e.g. 34
 the prompt ``5 4 3 _ _ _ _ _ + 9 2 1 _ _ _ _ _ =`` with the answer ``4 7 4 0``: a carry
 then flows the way the model writes, and the padding to ``MAX_DIGITS`` puts every digit at a
 fixed distance from the answer digit it feeds; both let a small transformer learn the task
-in minutes on a CPU. One wrong
-digit early in the answer derails the rest, so exposure bias shows, and more so as ``n``
-grows (seed 002, chapter 2).
+in minutes on a CPU.
+
+A model may take a digit back: the word ``<`` erases the word before it, and the answer is
+graded after its erasures (``answer_of``), e.g. ``4 9 < 7 4 0`` answers ``4 7 4 0``. This is
+where exposure bias shows (seed 002, chapter 2): a teacher that has seen mistakes corrected
+(``with_correction``) knows what to do after a wrong digit, but only a student that learns on
+its own samples meets its own mistakes while training. Off-policy, on the teacher's samples,
+it almost never sees one, and one wrong digit still ruins the answer; the longer the answer,
+the more mistakes there are to repair.
 
 Problems are split by a hash of the operands, so the held-out set never appears in training
 at any length. Pure Python: the control plane imports this without torch.
@@ -23,9 +29,12 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
+from services.reward.verifiers.builtin import apply_erasures
+
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-WORDS = (*"0123456789", "+", "=", "_")
-VOCAB = len(SPECIALS) + len(WORDS)  # 17
+ERASE = "<"  # erases the word before it: a model can take back a digit
+WORDS = (*"0123456789", "+", "=", "_", ERASE)
+VOCAB = len(SPECIALS) + len(WORDS)  # 18
 MAX_DIGITS = 8  # operands are padded with "_" to this width, so every digit has a fixed position
 TEST_SHARE = 10  # one problem in TEST_SHARE is held out
 
@@ -49,6 +58,26 @@ class Problem:
 def _digits(x: int, width: int) -> str:
     """``x`` as ``width`` space-separated digits, least significant first."""
     return " ".join(reversed(str(x).zfill(width)))
+
+
+def answer_of(response: str) -> str:
+    """What a response answers once its erasures are applied; graded as the demo's exact-answer
+    verifier grades it (the reward service's ``exact_match`` with ``erase: "<"``)."""
+    return apply_erasures(response, ERASE)
+
+
+def answer_room(digits: int) -> int:
+    """Tokens a response to ``digits``-digit operands may take: the answer's digits and </s>, and
+    room for one correction (a wrong digit and ``<``)."""
+    return digits + 4
+
+
+def with_correction(answer: str, position: int, wrong: str) -> str:
+    """``answer`` with the digit ``wrong`` written at ``position``, erased, then the right digit."""
+    words = answer.split()
+    if not 0 <= position < len(words) or wrong == words[position] or not wrong.isdigit():
+        raise ValueError(f"position, wrong: {position}, {wrong!r} is not a wrong digit of {answer!r}")
+    return " ".join([*words[:position], wrong, ERASE, *words[position:]])
 
 
 def digit_errors(got: str, answer: str) -> int:

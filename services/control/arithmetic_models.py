@@ -1,11 +1,13 @@
 """The demo's teacher and student for :mod:`services.control.arithmetic`, built offline on a CPU.
 
 ``python -m services.control.arithmetic_models teacher DIR`` trains a small Llama from scratch
-on the addition task (ground-truth answers) until it reaches ``--target`` held-out exact match
-or its time budget runs out; ``student DIR`` builds a narrower model and warms it up on the same
-data (GKD's warm-up, seed 002 chapter 4) until ``--target`` (20%), so its samples are not
-garbage but far below the teacher; ``eval DIR`` prints held-out exact match per answer length as JSON. Each
-runs in a child process: the control plane never imports torch.
+on the addition task until it reaches ``--target`` held-out exact match or its time budget runs
+out. Half of its answers carry one wrong digit, erased and corrected (``arithmetic.with_correction``),
+with no loss on the wrong digit: it learns to repair a mistake, never to make one. ``student DIR``
+builds a narrower model and warms it up on clean answers (GKD's warm-up, seed 002 chapter 4)
+until ``--target`` (20%), so its samples are not garbage but far below the teacher; ``eval DIR``
+prints held-out exact match per answer length as JSON. Each runs in a child process: the control
+plane never imports torch.
 """
 
 from __future__ import annotations
@@ -17,21 +19,34 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from services.control.arithmetic import MAX_DIGITS, SPECIALS, WORDS, digit_errors, problems
+from services.control.arithmetic import (
+    MAX_DIGITS,
+    SPECIALS,
+    WORDS,
+    Problem,
+    answer_of,
+    answer_room,
+    digit_errors,
+    problems,
+    with_correction,
+)
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 EOS, PAD = SPECIALS.index("</s>"), SPECIALS.index("<pad>")
 _ID = {w: len(SPECIALS) + i for i, w in enumerate(WORDS)}
-TEACHER = TinySpec(hidden_size=96, num_layers=2, num_heads=4, max_length=64, seed=1)
-STUDENT = TinySpec(hidden_size=48, num_layers=2, num_heads=4, max_length=64, seed=2)
+# Four layers: telling that the digit just written is wrong takes the teacher one more step of
+# reasoning than writing the next digit (two or three layers learn the sum, but not to repair it).
+TEACHER = TinySpec(hidden_size=64, num_layers=4, num_heads=4, max_length=64, seed=1)
+STUDENT = TinySpec(hidden_size=48, num_layers=4, num_heads=4, max_length=64, seed=2)
 
 
 @dataclass
@@ -40,6 +55,8 @@ class TrainConfig:
     max_steps: int
     budget_s: float  # stop after this long even when max_steps is not reached
     target: float = 1.0  # stop once held-out exact match (checked every eval_every steps) reaches it
+    corrected: float = 0.0  # share of answers shown with one mistake erased and corrected
+    repair_target: float = 0.0  # ... and, when > 0, once repair_rate reaches this too
     batch: int = 128
     lr: float = 3e-3
     eval_every: int = 250
@@ -50,13 +67,35 @@ def encode(text: str) -> list[int]:
     return [_ID[w] for w in text.split()]
 
 
-def _batch(n: int, size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` train problems of ``n`` digits as (input_ids, labels); the loss is on the answer."""
-    rows = list(problems(n, "train", size, seed=rng.randrange(2**31)))
+def _answer(answer: str, corrected: float, rng: random.Random) -> tuple[list[int], int | None]:
+    """The answer's ids, with probability ``corrected`` one wrong digit, ``<`` and the right one;
+    and the index of the wrong digit (no loss there: it shows a mistake, it does not teach one)."""
+    if rng.random() >= corrected:
+        return encode(answer), None
+    position = rng.randrange(len(answer.split()))
+    wrong = rng.choice([d for d in "0123456789" if d != answer.split()[position]])
+    return encode(with_correction(answer, position, wrong)), position
+
+
+def _batch(
+    lengths: Sequence[int], size: int, rng: random.Random, corrected: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` train problems of lengths drawn from ``lengths`` as (input_ids, labels), right-padded;
+    the loss is on the answer and its </s>. Every length in every batch: one length per batch made
+    the teacher's training take several times as many steps, and more erratically."""
+    counts = Counter(rng.choice(lengths) for _ in range(size))
+    rows = [p for n, k in sorted(counts.items()) for p in problems(n, "train", k, seed=rng.randrange(2**31))]
     prompt_len = len(encode(rows[0].prompt))
-    ids = torch.tensor([encode(p.prompt) + encode(p.answer) + [EOS] for p in rows])
-    labels = ids.clone()
-    labels[:, :prompt_len] = -100
+    answers = [_answer(p.answer, corrected, rng) for p in rows]
+    width = prompt_len + max(len(a) for a, _ in answers) + 1
+    ids = torch.full((size, width), PAD)
+    labels = torch.full((size, width), -100)
+    for row, (p, (answer, wrong)) in enumerate(zip(rows, answers, strict=True)):
+        seq = encode(p.prompt) + answer + [EOS]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, prompt_len : len(seq)] = ids[row, prompt_len : len(seq)]
+        if wrong is not None:
+            labels[row, prompt_len + wrong] = -100
     return ids, labels
 
 
@@ -74,7 +113,7 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
     start, accuracy = time.monotonic(), 0.0
     for step in range(1, cfg.max_steps + 1):
         model.train()
-        ids, labels = _batch(rng.choice(cfg.lengths), cfg.batch, rng)
+        ids, labels = _batch(cfg.lengths, cfg.batch, rng, cfg.corrected)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,42 +124,67 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         if step % cfg.eval_every == 0 or done:
             per_length = evaluate(model, cfg.lengths, count=100)
             accuracy = sum(per_length.values()) / len(per_length)
-            elapsed = time.monotonic() - start
+            repairs = repair_rate(model, max(cfg.lengths), count=100) if cfg.repair_target else None
+            shown = f"  repairs {repairs:.2f}" if repairs is not None else ""
             print(f"{log_prefix} step {step}  loss {loss.item():.3f}  held-out exact match "
-                  f"{accuracy:.3f}  ({elapsed:.0f} s)", flush=True)  # fmt: skip
-            if accuracy >= cfg.target or done:
+                  f"{accuracy:.3f}{shown}  ({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
+            if (accuracy >= cfg.target and (repairs or 0.0) >= cfg.repair_target) or done:
                 break
     return accuracy
 
 
 @torch.no_grad()
 def greedy_answers(model: PreTrainedModel, prompts: Sequence[str], digits: int) -> list[str]:
-    """Greedy answers to same-length prompts, as text (the tokens before ``</s>``)."""
+    """Greedy continuations of ``prompts`` (left-padded), as text (the tokens before ``</s>``)."""
     model.eval()
-    ids = torch.tensor([encode(p) for p in prompts])
+    rows = [encode(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     out = model.generate(  # type: ignore[operator]
-        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-        max_new_tokens=digits + 2, pad_token_id=PAD, eos_token_id=EOS,
+        input_ids=ids, attention_mask=(ids != PAD).long(), do_sample=False,
+        max_new_tokens=answer_room(digits), pad_token_id=PAD, eos_token_id=EOS,
     )  # fmt: skip
     words = {i: w for w, i in _ID.items()}
     answers = []
-    for row in out[:, ids.shape[1] :].tolist():
+    for row in out[:, width:].tolist():
         row = row[: row.index(EOS)] if EOS in row else row
         answers.append(" ".join(words.get(t, "?") for t in row))
     return answers
+
+
+def forced_mistakes(digits: int, count: int, seed: int = 0) -> list[tuple[Problem, str]]:
+    """Held-out problems, each with an answer so far that ends in a wrong digit: the right answer up
+    to a random position, then another digit there."""
+    rng = random.Random(seed)
+    out = []
+    for p in problems(digits, "test", count, seed):
+        words = p.answer.split()
+        position = rng.randrange(len(words))
+        wrong = rng.choice([d for d in "0123456789" if d != words[position]])
+        out.append((p, " ".join([*words[:position], wrong])))
+    return out
+
+
+def repair_rate(model: PreTrainedModel, digits: int, count: int = 100, seed: int = 0) -> float:
+    """Share of :func:`forced_mistakes` that ``model``'s greedy continuation repairs (answer right
+    once erasures are applied): how well it labels the states a mistake leads to (seed 002 ch. 2)."""
+    forced = forced_mistakes(digits, count, seed)
+    got = greedy_answers(model, [f"{p.prompt} {start}" for p, start in forced], digits)
+    right = [answer_of(f"{start} {g}") == p.answer for (p, start), g in zip(forced, got, strict=True)]
+    return sum(right) / len(forced)
 
 
 def grade(
     model: PreTrainedModel, lengths: Sequence[int], count: int = 200, seed: int = 0
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Held-out exact match and mean :func:`~services.control.arithmetic.digit_errors` per answer
-    length (operand digits), from one greedy pass. The wrong digits are the "total error" that
-    seed 002 (chapter 2) bounds by ε·T² for off-policy training and by ε·T on-policy; exact match
-    only asks whether it is zero."""
+    length (operand digits), from one greedy pass, erasures applied. The wrong digits are the
+    "total error" that seed 002 (chapter 2) bounds by ε·T² for off-policy training and by ε·T
+    on-policy; exact match only asks whether it is zero."""
     exact, wrong = {}, {}
     for n in lengths:
         rows = list(problems(n, "test", count, seed))
-        got = greedy_answers(model, [p.prompt for p in rows], n)
+        got = [answer_of(g) for g in greedy_answers(model, [p.prompt for p in rows], n)]
         exact[n] = sum(g == p.answer for g, p in zip(got, rows, strict=True)) / len(rows)
         wrong[n] = sum(digit_errors(g, p.answer) for g, p in zip(got, rows, strict=True)) / len(rows)
     return exact, wrong
@@ -145,7 +209,7 @@ def kl_to_teacher(student: PreTrainedModel, teacher: PreTrainedModel, lengths: S
         ids = torch.tensor([encode(p.prompt) for p in problems(n, "test", count, seed)])
         out = student.generate(  # type: ignore[operator]
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-            max_new_tokens=n + 2, pad_token_id=PAD, eos_token_id=EOS,
+            max_new_tokens=answer_room(n), pad_token_id=PAD, eos_token_id=EOS,
         )  # fmt: skip
         seq, start = out, ids.shape[1]
         resp = seq[:, start:]
@@ -178,13 +242,26 @@ def latest_weights(checkpoints: Path) -> Path:
     return latest / "model.safetensors"
 
 
-def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float:
-    """Build, train and save a model; the directory gets its ``config.json`` only when done."""
+def recipe(spec: TinySpec, cfg: TrainConfig) -> dict[str, object]:
+    """What a model is built from: a cached model is used only while its recipe is the current one."""
+    return {"words": list(WORDS), "spec": asdict(spec), "train": asdict(cfg)}
+
+
+def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float | None:
+    """Build, train and save a model, or keep the one at ``out_dir`` when its recipe is the same
+    (returns None then). The directory is replaced only when the new model is complete."""
+    wanted = recipe(spec, cfg)
+    saved = out_dir / "recipe.json"
+    if saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(wanted)):
+        print(f"using the cached {role} in {out_dir}", flush=True)
+        return None
+    print(f"training the {role} (at most {cfg.budget_s:g} s; cached for reruns) ...", flush=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     build_tiny_model(tmp, spec, words=WORDS)
     model = load(tmp)
     accuracy = train(model, cfg, role)
     model.save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps(wanted, indent=1))
     if out_dir.exists():  # a rebuild replaces the old model
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
@@ -208,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights = latest_weights(a.checkpoints) if a.checkpoints else None
         print(json.dumps(evaluate(load(a.dir, weights), lengths, a.count)))
     elif a.role == "teacher":
-        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, a.target or 0.97)
+        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, a.target or 0.97, corrected=0.5,
+                          repair_target=0.95)  # fmt: skip
         build(a.dir, TEACHER, cfg, "teacher")
     else:
-        # the same recipe, stopped early: samples that are not garbage, far below the teacher
+        # clean answers, stopped early: samples that are not garbage, far below the teacher
         target = a.target or 0.2
         cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, eval_every=100, seed=2)
         build(a.dir, STUDENT, cfg, "student")

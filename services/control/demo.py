@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.control.arithmetic import write_dataset
+from services.control.arithmetic import ERASE, MAX_DIGITS, answer_room, write_dataset
 from services.control.client import ApiClient
 from services.control.plot import plot_accuracy, plot_run
 from services.control.stack import LocalStack, StackConfig
 
 TEACHER_NAME = "adder"
-# The whole response is the answer (by default exact_match looks for \\boxed{} or "Answer:").
-VERIFIERS = "verifiers:\n  - {kind: builtin, name: answer, builtin: exact_match, options: {extract: none}}\n"
+# The whole response is the answer (by default exact_match looks for \\boxed{} or "Answer:"), once
+# its erasures are applied (arithmetic.ERASE takes back the word before it).
+VERIFIERS = ("verifiers:\n  - {kind: builtin, name: answer, builtin: exact_match, "
+             f"options: {{extract: none, erase: '{ERASE}'}}}}\n")  # fmt: skip
 EVAL_LENGTHS = (2, 4, 6, 8)  # operand digits; the answer has one more
 
 
@@ -43,16 +45,12 @@ def _models_cmd(*args: str) -> list[str]:
 
 
 def build_models(cfg: DemoConfig) -> tuple[Path, Path]:
-    """The cached teacher and warmed-up student (built on first use; training shows progress)."""
+    """The teacher and the warmed-up student, trained on first use (with progress) and cached while
+    their recipe stays the same (``arithmetic_models.build``)."""
     teacher, student = cfg.work_dir / "models" / "teacher", cfg.work_dir / "models" / "student"
-    if not (teacher / "config.json").exists():
-        budget = f"{cfg.teacher_budget_s:g}"
-        print(f"training the teacher on addition (at most {budget} s; cached for reruns) ...", flush=True)
-        subprocess.run(_models_cmd("teacher", str(teacher), "--budget-s", budget), check=True)
-    if not (student / "config.json").exists():
-        print("warming up the student ...", flush=True)
-        steps = str(cfg.student_warmup_steps)
-        subprocess.run(_models_cmd("student", str(student), "--steps", steps), check=True)
+    budget, steps = f"{cfg.teacher_budget_s:g}", str(cfg.student_warmup_steps)
+    subprocess.run(_models_cmd("teacher", str(teacher), "--budget-s", budget), check=True)
+    subprocess.run(_models_cmd("student", str(student), "--steps", steps), check=True)
     return teacher, student
 
 
@@ -74,7 +72,8 @@ def run_spec(student: Path, dataset: Path, steps: int) -> dict[str, Any]:
         "rewards": [{"name": "answer", "verifier": "answer",
                      "schedule": {"kind": "constant", "value": 1.0}}],
         "objective": {"gamma": 0.0, "support": "full", "baseline": "leave_one_out"},
-        "sampling": {"responses_per_prompt": 4, "prompts_per_step": 8, "max_new_tokens": 10},
+        "sampling": {"responses_per_prompt": 4, "prompts_per_step": 8,
+                     "max_new_tokens": answer_room(MAX_DIGITS)},
         "optimizer": {"lr": 1e-3},
         "steps": steps, "checkpoint_interval": 25, "max_staleness": 1,
     }  # fmt: skip

@@ -57,6 +57,18 @@ def normalize(text: str, case_sensitive: bool, strip_punctuation: bool, collapse
     return text
 
 
+def apply_erasures(text: str, erase: str) -> str:
+    """``text`` after every word ``erase`` has deleted itself and the word before it (a model's
+    self-correction, e.g. ``"4 9 < 7"`` → ``"4 7"``); words are whitespace-separated."""
+    words: list[str] = []
+    for word in text.split():
+        if word != erase:
+            words.append(word)
+        elif words:
+            words.pop()
+    return " ".join(words)
+
+
 def exact_match(
     prompt: str,
     response: str,
@@ -64,14 +76,18 @@ def exact_match(
     *,
     field: str = "answer",
     extract: str = "auto",
+    erase: str = "",
     case_sensitive: bool = False,
     strip_punctuation: bool = False,
     collapse_whitespace: bool = True,
 ) -> Outcome:
-    """1.0 when the normalized final answer equals the normalized ``reference[field]``."""
+    """1.0 when the normalized final answer equals the normalized ``reference[field]``; with
+    ``erase`` (a word, e.g. ``"<"``) its erasures are applied to the answer first."""
     got = final_answer(response, extract)
     if got is None:
         return Outcome({"exact_match": 0.0}, f"no final answer found ({extract})")
+    if erase:
+        got = apply_erasures(got, erase)
     opts = (case_sensitive, strip_punctuation, collapse_whitespace)
     same = normalize(got, *opts) == normalize(reference[field], *opts)
     return Outcome({"exact_match": float(same)}, "match" if same else "no match")

@@ -1,0 +1,85 @@
+"""The demo's model recipes (services/control/arithmetic_models.py): training batches with
+corrected mistakes, forced mistakes for the repair rate, and the recipe cache."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.control import arithmetic_models as am
+from services.control.arithmetic import ERASE, MAX_DIGITS, answer_of
+from services.teacher.tiny_model import TinySpec
+
+WORD = {i: w for w, i in am._ID.items()}
+PROMPT = 2 * MAX_DIGITS + 2  # tokens of every prompt: two padded operands, "+" and "="
+
+
+def _answers(ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[str, str]]:
+    """Each row's answer text (between the prompt and </s>) and the text of its labelled tokens."""
+    out = []
+    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        assert all(x == -100 for x in lab[:PROMPT])
+        answer = " ".join(WORD[t] for t in row[PROMPT : row.index(am.EOS)])
+        out.append((answer, " ".join(WORD.get(t, "</s>") for t in lab[PROMPT:] if t != -100)))
+    return out
+
+
+def test_corrected_rows_show_a_mistake_without_teaching_it() -> None:
+    ids, labels = am._batch((1, 4, 8), 64, random.Random(0), corrected=1.0)
+    lengths = set()
+    for answer, taught in _answers(ids, labels):
+        words = answer.split()
+        assert words.count(ERASE) == 1
+        wrong = words.index(ERASE) - 1
+        # the wrong digit is the only unlabelled token of the answer; </s> is labelled
+        assert taught.split() == [*words[:wrong], *words[wrong + 1 :], "</s>"]
+        lengths.add(len(answer_of(answer).split()))
+    assert lengths == {2, 5, 9}  # every length of the batch's choice, in one batch
+
+
+def test_clean_rows_teach_the_whole_answer() -> None:
+    ids, labels = am._batch((3,), 16, random.Random(1), corrected=0.0)
+    for answer, taught in _answers(ids, labels):
+        assert ERASE not in answer and taught == answer + " </s>" and len(answer.split()) == 4
+
+
+def test_forced_mistakes_end_in_a_wrong_digit() -> None:
+    forced = am.forced_mistakes(6, 50, seed=3)
+    assert len(forced) == 50 and forced == am.forced_mistakes(6, 50, seed=3)
+    for problem, start in forced:
+        words, right = start.split(), problem.answer.split()
+        assert words[:-1] == right[: len(words) - 1] and words[-1] != right[len(words) - 1]
+    assert len({len(s.split()) for _, s in forced}) > 3  # the mistake falls at many positions
+
+
+@pytest.fixture
+def tiny() -> tuple[TinySpec, am.TrainConfig]:
+    spec = TinySpec(hidden_size=8, num_layers=1, num_heads=2, max_length=64)
+    return spec, am.TrainConfig(lengths=(1,), max_steps=2, budget_s=30.0, batch=4, eval_every=1)
+
+
+def test_a_model_is_rebuilt_only_when_its_recipe_changes(
+    tiny: tuple[TinySpec, am.TrainConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, cfg = tiny
+    out = tmp_path / "teacher"
+    assert am.build(out, spec, cfg, "teacher") is not None
+    weights = (out / "model.safetensors").read_bytes()
+    assert am.build(out, spec, cfg, "teacher") is None
+    assert "using the cached teacher" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert am.build(out, spec, replace(cfg, corrected=0.5), "teacher") is not None  # another recipe
+    assert not (tmp_path / "teacher.tmp").exists()
+
+
+def test_repair_rate_is_a_share_of_the_forced_mistakes(tiny: tuple[TinySpec, am.TrainConfig],
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    spec, cfg = tiny
+    am.build(tmp_path / "m", spec, cfg, "teacher")
+    model = am.load(tmp_path / "m")
+    rate = am.repair_rate(model, digits=2, count=20)
+    assert 0.0 <= rate <= 1.0 and rate == am.repair_rate(model, digits=2, count=20)
