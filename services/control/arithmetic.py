@@ -8,12 +8,11 @@ fixed distance from the answer digit it feeds; both let a small transformer lear
 in minutes on a CPU.
 
 A model may take a digit back: the word ``<`` erases the word before it, and the answer is
-graded after its erasures (``answer_of``), e.g. ``4 9 < 7 4 0`` answers ``4 7 4 0``. This is
-where exposure bias shows (seed 002, chapter 2): a teacher that has seen mistakes corrected
-(``with_correction``) knows what to do after a wrong digit, but only a student that learns on
-its own samples meets its own mistakes while training. Off-policy, on the teacher's samples,
-it almost never sees one, and one wrong digit still ruins the answer; the longer the answer,
-the more mistakes there are to repair.
+graded after its erasures (``answer_of``), e.g. ``4 9 < 7 4 0`` answers ``4 7 4 0``. Without it
+a wrong digit ruins the answer whatever comes next, and learning at the states a mistake leads
+to, which is what on-policy training adds (DAgger, seed 002 chapter 2), could not pay off. The
+demo's teacher is trained to repair mistakes (``with_correction``); only a student that learns
+on its own samples meets its own mistakes, and the teacher's repairs of them, while training.
 
 Problems are split by a hash of the operands, so the held-out set never appears in training
 at any length. Pure Python: the control plane imports this without torch.
