@@ -67,13 +67,19 @@ def encode(text: str) -> list[int]:
     return [_ID[w] for w in text.split()]
 
 
+def _mistake(answer: str, rng: random.Random) -> tuple[int, str]:
+    """A uniformly drawn position of ``answer`` and a digit that is wrong there."""
+    words = answer.split()
+    position = rng.randrange(len(words))
+    return position, rng.choice([d for d in "0123456789" if d != words[position]])
+
+
 def _answer(answer: str, corrected: float, rng: random.Random) -> tuple[list[int], int | None]:
     """The answer's ids, with probability ``corrected`` one wrong digit, ``<`` and the right one;
     and the index of the wrong digit (no loss there: it shows a mistake, it does not teach one)."""
     if rng.random() >= corrected:
         return encode(answer), None
-    position = rng.randrange(len(answer.split()))
-    wrong = rng.choice([d for d in "0123456789" if d != answer.split()[position]])
+    position, wrong = _mistake(answer, rng)
     return encode(with_correction(answer, position, wrong)), position
 
 
@@ -158,10 +164,8 @@ def forced_mistakes(digits: int, count: int, seed: int = 0) -> list[tuple[Proble
     rng = random.Random(seed)
     out = []
     for p in problems(digits, "test", count, seed):
-        words = p.answer.split()
-        position = rng.randrange(len(words))
-        wrong = rng.choice([d for d in "0123456789" if d != words[position]])
-        out.append((p, " ".join([*words[:position], wrong])))
+        position, wrong = _mistake(p.answer, rng)
+        out.append((p, " ".join([*p.answer.split()[:position], wrong])))
     return out
 
 
