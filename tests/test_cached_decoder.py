@@ -122,3 +122,17 @@ def test_sampler_samples_from_reloaded_weights(tmp_path: Path) -> None:
         lp = torch.log_softmax(logits[len(s.prompt_ids) - 1 : -1], -1)
         want = lp.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1).numpy()
         np.testing.assert_allclose(s.behaviour_logprobs, want, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_on_cuda_every_logit_equals_the_models_forward_pass() -> None:
+    model = _llama(num_key_value_heads=2).to("cuda")
+    ids, mask = _left_pad(PROMPTS, PAD)
+    torch.manual_seed(0)
+    tokens, logits = CachedDecoder(model).generate(ids.cuda(), mask.cuda(), 8, 1.0, None, PAD)
+    rows = torch.cat([ids.cuda(), tokens], 1)
+    with torch.no_grad():
+        full = model(input_ids=rows, attention_mask=torch.cat([mask.cuda(), torch.ones_like(tokens)], 1),
+                     position_ids=(torch.cat([mask, torch.ones(len(PROMPTS), 8, dtype=mask.dtype)], 1)
+                                   .cumsum(-1) - 1).clamp(min=0).cuda()).logits  # fmt: skip
+    torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 : -1].float(), atol=1e-4, rtol=1e-4)

@@ -46,7 +46,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="prompts sampled and scored together (0: the run's prompts_per_step)")  # fmt: skip
     p.add_argument(
         "--sampler", choices=SAMPLERS, default="hf",
-        help="hf: transformers generate on --device; vllm: vLLM on the GPU (needs the gpu extra)",
+        help="hf: the transformers model on --device (KV-cached decoding for Llama and Qwen2, else "
+        "generate); vllm: vLLM on the GPU (needs the gpu extra)",
     )  # fmt: skip
     v = p.add_argument_group("vllm sampler (--sampler vllm)")
     v.add_argument("--vllm-dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16")

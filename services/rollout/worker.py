@@ -75,7 +75,7 @@ class WorkerConfig:
     teacher_token: str | None = None  # bearer token for the teacher services
     reward_token: str | None = None
     device: str = "cpu"  # torch device of the hf sampler
-    sampler: str = "hf"  # "hf" (transformers generate) or "vllm" (GPU); see services.rollout.sampler
+    sampler: str = "hf"  # "hf" (a transformers model) or "vllm" (GPU); see services.rollout.sampler
     vllm: VllmSamplerConfig = field(default_factory=VllmSamplerConfig)  # used when sampler == "vllm"
     teacher_deadline_s: float = 60.0  # per Score call
     reward_timeout_s: float = 30.0  # per verified item
