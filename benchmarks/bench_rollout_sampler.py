@@ -5,8 +5,8 @@ Builds a random Llama offline (no hub), then for each sampler times ``sample()``
 prompts × ``--k`` responses of up to ``--new-tokens`` tokens (EOS off, so every response has full
 length) and one weight reload from a safetensors file. Prints generated tokens/s and the ratios.
 The hf sampler runs on CUDA when there is one, else on the CPU; the vllm sampler needs a
-CUDA GPU and the ``gpu`` extra, and is reported as unavailable otherwise. ``--hidden 48 --layers 2
---new-tokens 10 --prompts 8`` is the demo's student and batch.
+CUDA GPU and the ``gpu`` extra, and is reported as unavailable otherwise. ``--hidden 48 --layers 4
+--new-tokens 12 --prompts 8`` is the demo's student and batch (with 1024 ids instead of its 18).
 
 Run: ``python -m benchmarks.bench_rollout_sampler [--prompts 16] [--k 4] [--new-tokens 64]``.
 """
