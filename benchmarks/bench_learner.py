@@ -58,7 +58,7 @@ from contracts.redis_server import EmbeddedRedis, make_async_client, make_client
 from contracts.rollout_record import DecodedRollout, Reward, TeacherArrays, build_rollout, decode_rollout
 from contracts.runspec import RunSpec
 from learner import run_state
-from learner.batching import objective_batch, pack_sequences, rewards_matrix
+from learner.batching import objective_batch, pack_sequences, response_logits, rewards_matrix
 from learner.objective import objective_loss
 from learner.train import Learner, LearnerConfig, make_optimizer, objective_config
 from proto.distill.v1 import reward_pb2, rollout_pb2
@@ -261,7 +261,8 @@ def run_bare(args: argparse.Namespace, spec: RunSpec, batches: Batches) -> list[
         logits = model(
             input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device)
         ).logits
-        batch = objective_batch(logits.float(), packed, rollouts, teachers, spec.objective.support, rewards)
+        logits = response_logits(logits, packed).float()
+        batch = objective_batch(logits, packed, rollouts, teachers, spec.objective.support, rewards)
         out = objective_loss(ocfg, batch, [timelines[n].at(step) for n in names])
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -3,7 +3,8 @@
 
 Builds a random Llama offline (no hub), then for each sampler times ``sample()`` of ``--prompts``
 prompts × ``--k`` responses of up to ``--new-tokens`` tokens (EOS off, so every response has full
-length) and one weight reload from a safetensors file. Prints generated tokens/s and the ratios.
+length) and one weight reload from a safetensors file. Prints generated tokens/s and the ratios, and the
+cached decoder's time with one prefill per prompt against one per response (K copies).
 The hf sampler runs on CUDA when there is one, else on the CPU; the vllm sampler needs a
 CUDA GPU and the ``gpu`` extra, and is reported as unavailable otherwise. ``--hidden 48 --layers 4
 --new-tokens 12 --prompts 8`` is the demo's student and batch (with 1024 ids instead of its 18).
@@ -21,6 +22,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from services.rollout.cached_decoder import CachedDecoder
 from services.rollout.sampler import HfSampler, Sampler, make_sampler
 from services.rollout.sampling import SamplingConfig
 from services.rollout.vllm_sampling import VllmSamplerConfig, VllmSamplerError
@@ -33,6 +35,27 @@ def _time(sampler: Sampler, prompts: list[list[int]], cfg: SamplingConfig, repea
     for i in range(repeats):
         sampler.sample(prompts, cfg, i + 1)
     return (time.perf_counter() - start) / repeats
+
+
+def _prefill_ratio(
+    decoder: CachedDecoder, prompts: list[list[int]], a: argparse.Namespace, device: str
+) -> float:
+    """Time of the decoder with one prefill per prompt (``repeats``) over its time with K copies of
+    each prompt, interleaved call by call (the prompts have one length: no padding)."""
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    copies = ids.repeat_interleave(a.k, 0), mask.repeat_interleave(a.k, 0)
+    runs = {
+        "shared": lambda: decoder.generate(ids, mask, a.new_tokens, 1.0, None, 0, repeats=a.k),
+        "copies": lambda: decoder.generate(*copies, a.new_tokens, 1.0, None, 0),
+    }
+    times: dict[str, float] = {name: 0.0 for name in runs}
+    for _ in range(a.repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name] += time.perf_counter() - start
+    return times["shared"] / times["copies"]
 
 
 def _reload_s(sampler: Sampler, path: Path) -> float:
@@ -75,6 +98,9 @@ def main() -> None:
         hf.decoder = decoder
         print(f"hf generate ({device}): {tokens / generate_s:10.0f} tokens/s")
         print(f"cached decoder / generate throughput ratio: {generate_s / hf_s:.2f}x")
+        assert decoder is not None
+        ratio = _prefill_ratio(decoder, prompts, a, device)
+        print(f"cached decoder, one prefill per prompt / one per response: {ratio:.2f}x the time")
         del hf
         try:
             vllm = make_sampler("vllm", str(model_dir), vllm=VllmSamplerConfig(gpu_memory_utilization=0.3))

@@ -1,8 +1,9 @@
 """Turn decoded rollouts into the tensors of one learner step.
 
 ``pack_sequences`` right-pads prompt+response ids for the student forward pass;
-``objective_batch`` cuts the student logits at the response positions and lines up the
-teachers' scores and the rewards as :class:`learner.objective.ObjectiveBatch` expects.
+``response_logits`` cuts its logits at the positions that predict response tokens;
+``objective_batch`` lines those up with the teachers' scores and the rewards as
+:class:`learner.objective.ObjectiveBatch` expects.
 """
 
 from __future__ import annotations
@@ -59,16 +60,25 @@ def pack_sequences(rollouts: Sequence[DecodedRollout], pad_id: int = 0) -> Packe
     return Packed(ids, mask, starts, lengths, int(lengths.max()))
 
 
-def response_logits(logits: Tensor, packed: Packed) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits predicting each response token: (B, T, V), with tokens (B, T) and mask (B, T)."""
-    bsz = logits.shape[0]
+def _response_positions(packed: Packed) -> tuple[Tensor, Tensor]:
+    """The position predicting each response token (B, T), and which of them are real (B, T)."""
     offsets = torch.arange(packed.width)
-    mask = offsets[None, :] < packed.lengths[:, None]  # (B, T)
+    mask = offsets[None, :] < packed.lengths[:, None]
     # position s-1+t predicts token s+t; padding positions read index 0 and are masked out
-    pos = torch.where(mask, packed.starts[:, None] - 1 + offsets[None, :], 0)
-    rows = torch.arange(bsz)[:, None]
-    tokens = torch.where(mask, packed.input_ids[rows, pos + 1], 0)
-    return logits[rows, pos], tokens, mask
+    return torch.where(mask, packed.starts[:, None] - 1 + offsets[None, :], 0), mask
+
+
+def response_tokens(packed: Packed) -> tuple[Tensor, Tensor]:
+    """Each row's response tokens (B, T), 0 past its length, and the mask of real ones (B, T)."""
+    pos, mask = _response_positions(packed)
+    rows = torch.arange(packed.input_ids.shape[0])[:, None]
+    return torch.where(mask, packed.input_ids[rows, pos + 1], 0), mask
+
+
+def response_logits(logits: Tensor, packed: Packed) -> Tensor:
+    """The logits (B, T, V) predicting each response token, out of a forward pass's (B, L, V)."""
+    pos, _ = _response_positions(packed)
+    return logits[torch.arange(logits.shape[0])[:, None], pos]
 
 
 def _pad(arrays: list[np.ndarray], width: int, fill: float) -> Tensor:
@@ -198,11 +208,13 @@ def objective_batch(
     top_p: float = 1.0,
     with_teacher_tops: bool = False,
 ) -> ObjectiveBatch:
-    """Everything :func:`learner.objective.objective_loss` needs, from the student's logits (B, L, V).
+    """Everything :func:`learner.objective.objective_loss` needs, from the student's logits that
+    predict each response token (B, T, V): :func:`response_logits` of a forward pass, or
+    ``learner.shared_prompt.response_logits``.
 
     ``top_p``: the nucleus of the ``teacher_top_p`` support; ``with_teacher_tops``: also each
     teacher's top-K list (SelecTKD's greedy_top_k on a top-K support)."""
-    resp_logits, tokens, mask = response_logits(logits, packed)
+    tokens, mask = response_tokens(packed)
     width, vocab = packed.width, logits.shape[-1]
     scores = _teacher_arrays(rollouts, teachers)
     token_lp = [[s[m].token_logprobs for s in scores] for m in range(len(teachers))]
@@ -212,7 +224,7 @@ def objective_batch(
     groups: dict[tuple[int, int], int] = {}
     group_ids = torch.tensor([groups.setdefault((r.prompt_id, r.attempt), len(groups)) for r in rollouts])
     return ObjectiveBatch(
-        logits=resp_logits,
+        logits=logits,
         tokens=tokens,
         mask=mask,
         teacher_token_logprobs=teacher_tok,

@@ -4,7 +4,8 @@ Top to bottom, one run (``python -m learner --run-id ID``)::
 
     setup:      run spec from Redis → student + optimizer → restore the latest checkpoint
                 → consumer group on the rollout stream → publish the starting weights
-    each step:  whole prompt groups → student logits → Dense + Sparse objective (learner.objective)
+    each step:  whole prompt groups → student logits (each distinct prompt computed once where the
+                architecture allows: learner.shared_prompt) → Dense + Sparse objective (learner.objective)
                 → clip → optimizer step → publish weights (version + 1) → metrics
                 (publication and metrics run in order on a background thread: learner.side_writes)
     metrics:    one entry per step in the run's metrics stream; besides the loss parts, ``data_wait_s``
@@ -41,14 +42,16 @@ from contracts import keys
 from contracts import runstate as rs
 from contracts.runspec import RunSpec, on_policy_share
 from contracts.schedules import ScheduleTimeline
-from learner import run_state
+from learner import run_state, shared_prompt
 from learner.applied import AppliedIds
 from learner.batching import (
     BatchError,
+    Packed,
     check_vocab,
     mean_support_size,
     objective_batch,
     pack_sequences,
+    response_logits,
     rewards_matrix,
 )
 from learner.checkpoint import (
@@ -63,6 +66,7 @@ from learner.objective import ObjectiveBatch, ObjectiveConfig, objective_loss
 from learner.queue import Batch, ConsumerConfig, Group, RolloutConsumer
 from learner.run_state import LearnerLease
 from learner.side_writes import SideWrites, snapshot
+from services.rollout import cached_decoder
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,8 @@ class Learner:
         self.applied_log: list[list[str]] = []  # with cfg.audit: the rollout ids of each step
         self._restore()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
+        # DDP's gradient hooks need the model's own forward pass
+        self.shares_prompts = self.ddp is None and cached_decoder.supports(self.model)
         self.consumer = self._consumer() if self.rank == 0 else None
         self._exit_requested = False
         self._carry: list[Group] = []  # whole groups read but not yet trained on
@@ -263,15 +269,11 @@ class Learner:
         names = [r.name for r in self.spec.rewards]
         rewards, _ = rewards_matrix(rollouts, names, [r.failure_value for r in self.spec.rewards])
         packed = pack_sequences(rollouts)
-        net = self.ddp or self.model
-        logits = net(
-            input_ids=packed.input_ids.to(self.cfg.device),
-            attention_mask=packed.attention_mask.to(self.cfg.device),
-        ).logits
         teachers = [t.name for t in self.spec.teachers]
         o = self.spec.objective
+        logits = self._response_logits(packed).float()
         batch = objective_batch(
-            logits.float(), packed, rollouts, teachers, o.support, rewards, top_p=o.top_p,
+            logits, packed, rollouts, teachers, o.support, rewards, top_p=o.top_p,
             with_teacher_tops=o.selective == "greedy_top_k" and o.support != "full",
         )  # fmt: skip
         self._observe_entropy(batch)
@@ -292,6 +294,14 @@ class Learner:
         if o.support == "teacher_top_p":
             metrics["support_size"] = mean_support_size(batch)
         return metrics
+
+    def _response_logits(self, packed: Packed) -> Tensor:
+        """The student's logits predicting each response token (B, T, V); each distinct prompt is
+        computed once where the student's architecture allows it (learner.shared_prompt)."""
+        if self.shares_prompts:
+            return shared_prompt.response_logits(self.model, packed)
+        ids, mask = packed.input_ids.to(self.cfg.device), packed.attention_mask.to(self.cfg.device)
+        return response_logits((self.ddp or self.model)(input_ids=ids, attention_mask=mask).logits, packed)
 
     # -- checkpoint, metrics, loop -----------------------------------------------------------------
 

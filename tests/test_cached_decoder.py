@@ -50,9 +50,14 @@ def model(request: pytest.FixtureRequest) -> PreTrainedModel:
     return MODELS[request.param]()
 
 
-def _generate(model: PreTrainedModel, k: int, max_new: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate(
+    model: PreTrainedModel, k: int, max_new: int, seed: int, shared: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k responses per prompt: one prefill per prompt (``repeats``), or k copies of each prompt."""
     ids, mask = _left_pad(PROMPTS, PAD)
     torch.manual_seed(seed)
+    if shared:
+        return CachedDecoder(model).generate(ids, mask, max_new, 1.0, EOS, PAD, repeats=k)
     return CachedDecoder(model).generate(
         ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), max_new, 1.0, EOS, PAD
     )
@@ -70,6 +75,12 @@ def test_every_logit_equals_the_models_forward_pass(model: PreTrainedModel) -> N
         want = model(input_ids=seq).logits[0, len(prompt) - 1 : len(prompt) - 1 + length]
         torch.testing.assert_close(logits[row, :length], want, atol=2e-5, rtol=1e-5)
         assert all(t == PAD for t in response[length:]), "after </s> a row only holds padding"
+
+
+def test_repeats_of_a_prompt_draw_what_copies_of_it_draw(model: PreTrainedModel) -> None:
+    shared, copies = _generate(model, k=3, max_new=8, seed=2), _generate(model, 3, 8, seed=2, shared=False)
+    assert torch.equal(shared[0], copies[0])
+    torch.testing.assert_close(shared[1], copies[1], atol=1e-6, rtol=1e-6)
 
 
 def test_same_seed_draws_what_generate_draws(model: PreTrainedModel) -> None:

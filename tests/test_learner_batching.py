@@ -13,6 +13,7 @@ from learner.batching import (
     objective_batch,
     pack_sequences,
     response_logits,
+    response_tokens,
     rewards_matrix,
     support,
 )
@@ -53,7 +54,7 @@ def test_response_logits_are_the_positions_that_predict_each_response_token() ->
     # fake "logits": the position index, so we can read which position was taken
     positions = torch.arange(packed.input_ids.shape[1], dtype=torch.float32)
     logits = positions[None, :, None].expand(2, -1, 4).clone()
-    got, tokens, mask = response_logits(logits, packed)
+    got, (tokens, mask) = response_logits(logits, packed), response_tokens(packed)
     assert mask.tolist() == [[True, True, True], [True, True, False]]
     assert got[0, :, 0].tolist() == [1.0, 2.0, 3.0]  # position s-1+t predicts token s+t
     assert got[1, :2, 0].tolist() == [0.0, 1.0]
@@ -97,7 +98,7 @@ def test_objective_batch_shapes_and_groups() -> None:
     rollouts = [rollout([1, 2, 3, 4], 2, prompt_id=7), rollout([1, 2, 3], 2, prompt_id=7, seed=1),
                 rollout([4, 5, 6], 1, prompt_id=8, seed=2)]  # fmt: skip
     packed = pack_sequences(rollouts)
-    logits = torch.randn(3, packed.input_ids.shape[1], 16)
+    logits = response_logits(torch.randn(3, packed.input_ids.shape[1], 16), packed)
     rewards, _ = rewards_matrix(rollouts, [], [])
     batch = objective_batch(logits, packed, rollouts, ["t0"], "student_top_k", rewards)
     assert batch.logits.shape == (3, 2, 16) and batch.teacher_token_logprobs.shape == (1, 3, 2)

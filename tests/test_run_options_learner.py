@@ -393,7 +393,7 @@ def test_teacher_top_p_support_masks_the_top_k_beyond_the_nucleus() -> None:
     ids_1, _ = support([r], ["t0"], "teacher_top_p", 4, 12, top_p=1.0)
     assert ids_1 is not None and torch.equal(ids_1, ids_k)
     packed = pack_sequences([r])
-    batch = objective_batch(torch.randn(1, 6, 12), packed, [r], ["t0"], "teacher_top_p",
+    batch = objective_batch(torch.randn(1, packed.width, 12), packed, [r], ["t0"], "teacher_top_p",
                             rewards_matrix([r], [], [])[0], top_p=0.6)  # fmt: skip
     assert mean_support_size(batch) == pytest.approx(float(sizes.double().mean()))
 

@@ -11,6 +11,9 @@ matrix each), keeps a preallocated KV cache and samples with ``torch.multinomial
 Supported: ``llama`` and ``qwen2`` checkpoints with full attention, SiLU MLPs and a RoPE whose
 angles depend on the position only (``supports``); anything else stays on ``generate``.
 ``tests/test_cached_decoder.py`` checks every logit against the transformers forward pass.
+The layer arithmetic (``qkv``, ``attend``, ``logits``) is also the learner's forward pass that
+computes each prompt once (``learner.shared_prompt``); built outside inference mode, the fused
+weights carry the gradient to the model's parameters.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class CachedDecoder:
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.embed = core.embed_tokens.weight
+        self.padding_idx = core.embed_tokens.padding_idx  # the row that gets no gradient
         self.rotary = core.rotary_emb
         self.layers = [self._layer(block) for block in core.layers]
         self.norm, self.norm_eps = core.norm.weight, core.norm.variance_epsilon
@@ -112,52 +116,73 @@ class CachedDecoder:
             m.down_proj.weight.t(), m.down_proj.bias,
         )  # fmt: skip
 
+    def qkv(self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, heads, T, D), keys and values (B, kv_heads, T, D) of ``x`` (B, T, H), rotated."""
+        b, t, _ = x.shape
+        h = _linear(_rms(x, layer.ln1, layer.eps1), layer.qkv, layer.qkv_bias)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = h.split([q_size, kv_size, kv_size], -1)
+        q = _rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = _rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        return q, k, v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, layer: _Layer, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """The rest of the decoder layer: ``x`` plus attention of ``q`` over ``k``/``v``, then the MLP."""
+        b, t, _ = x.shape
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        x = x + _linear(att.transpose(1, 2).reshape(b, t, -1), layer.o, layer.o_bias)
+        gate, up = _linear(_rms(x, layer.ln2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+        return x + _linear(F.silu(gate) * up, layer.down, layer.down_bias)
+
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """Input embeddings (..., H) of ``ids``, as the model's embedding layer computes them."""
+        return F.embedding(ids, self.embed, self.padding_idx)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits (..., V) of the last layer's output ``x`` (..., H)."""
+        return _rms(x, self.norm, self.norm_eps) @ self.head
+
     def _forward(self, ids: Tensor, rope: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor],
                  start: int, mask: Tensor) -> Tensor:  # fmt: skip
         """Logits of the last position of ``ids`` (B, T), the tokens at cache columns
         [start, start + T); their keys and values are written to the cache (L, B, kv_heads, S, D).
         ``mask`` (B, 1, T, start + T): which cached columns each new position may attend to."""
-        b, t = ids.shape
-        end, q_size, kv_size = start + t, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        cos, sin = rope
-        x = F.embedding(ids, self.embed)  # (B, T, H)
+        end = start + ids.shape[1]
+        x = self.embed_ids(ids)  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            h = _linear(_rms(x, layer.ln1, layer.eps1), layer.qkv, layer.qkv_bias)
-            q, k, v = h.split([q_size, kv_size, kv_size], -1)
-            q = _rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            cache[0][i, :, :, start:end] = _rope(k.view(b, t, self.kv_heads, -1).transpose(1, 2), cos, sin)
-            cache[1][i, :, :, start:end] = v.view(b, t, self.kv_heads, -1).transpose(1, 2)
-            att = F.scaled_dot_product_attention(
-                q, cache[0][i, :, :, :end], cache[1][i, :, :, :end], attn_mask=mask,
-                enable_gqa=self.heads != self.kv_heads,
-            )  # fmt: skip
-            x = x + _linear(att.transpose(1, 2).reshape(b, t, q_size), layer.o, layer.o_bias)
-            gate, up = _linear(_rms(x, layer.ln2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-            x = x + _linear(F.silu(gate) * up, layer.down, layer.down_bias)
-        return _rms(x[:, -1], self.norm, self.norm_eps) @ self.head  # (B, V)
+            q, k, v = self.qkv(layer, x, *rope)
+            cache[0][i, :, :, start:end], cache[1][i, :, :, start:end] = k, v
+            x = self.attend(layer, x, q, cache[0][i, :, :, :end], cache[1][i, :, :, :end], mask)
+        return self.logits(x[:, -1])  # (B, V)
 
     @torch.inference_mode()
     def generate(self, ids: Tensor, mask: Tensor, max_new_tokens: int, temperature: float,
-                 eos_token_id: int | None, pad_token_id: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """Sample up to ``max_new_tokens`` tokens after each left-padded row of ``ids`` (B, W), whose
-        real tokens ``mask`` marks. Returns the new tokens (B, T), ``pad_token_id`` after a row's
-        ``eos_token_id``, and the raw logits that predicted each (B, T, V) in float32; T stops
-        short of ``max_new_tokens`` when every row has ended."""
-        b, width = ids.shape
+                 eos_token_id: int | None, pad_token_id: int,
+                 repeats: int = 1) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Sample up to ``max_new_tokens`` tokens after each left-padded row of ``ids`` (P, W), whose
+        real tokens ``mask`` marks, ``repeats`` times: output rows p * repeats to (p + 1) * repeats - 1
+        continue prompt p and share its prefill. Returns the new tokens (B, T), ``pad_token_id`` after a
+        row's ``eos_token_id``, and the raw logits that predicted each (B, T, V) in float32; T
+        stops short of ``max_new_tokens`` when every row has ended."""
+        p, width = ids.shape
         total = width + max_new_tokens
-        keys = torch.zeros(len(self.layers), b, self.kv_heads, total, self.head_dim,
+        keys = torch.zeros(len(self.layers), p, self.kv_heads, total, self.head_dim,
                            dtype=self.embed.dtype, device=ids.device)  # fmt: skip
         cache = (keys, torch.zeros_like(keys))
-        real = torch.ones((b, total), dtype=torch.bool, device=ids.device)
+        real = torch.ones((p, total), dtype=torch.bool, device=ids.device)
         real[:, :width] = mask.bool()
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # each row counts from 0 at its first token
-        cos, sin = self.rotary(keys, positions)  # (B, total, D)
+        cos, sin = self.rotary(keys, positions)  # (P, total, D)
         cos, sin = cos[:, None], sin[:, None]
         # A padding position attends to itself only, so that no row of the attention is empty.
         causal = torch.ones((width, width), dtype=torch.bool, device=ids.device).tril()
         itself = torch.eye(width, dtype=torch.bool, device=ids.device)
         prefill = causal & (real[:, None, None, :width] | itself)
         logits = self._forward(ids, (cos[..., :width, :], sin[..., :width, :]), cache, 0, prefill)
+        if repeats > 1:
+            cache = (cache[0].repeat_interleave(repeats, 1), cache[1].repeat_interleave(repeats, 1))
+            logits, real, cos, sin = (x.repeat_interleave(repeats, 0) for x in (logits, real, cos, sin))
+        b = p * repeats
         tokens, steps = [], []
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         for t in range(max_new_tokens):

@@ -80,10 +80,9 @@ def sample(
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, cfg.pad_token_id)
     if decoder is not None:
-        k = cfg.responses_per_prompt
         new_tokens, logits = decoder.generate(
-            ids.repeat_interleave(k, 0).to(device), mask.repeat_interleave(k, 0).to(device),
-            cfg.max_new_tokens, cfg.temperature, cfg.eos_token_id, cfg.pad_token_id,
+            ids.to(device), mask.to(device), cfg.max_new_tokens, cfg.temperature, cfg.eos_token_id,
+            cfg.pad_token_id, repeats=cfg.responses_per_prompt,
         )  # fmt: skip
     else:
         new_tokens, logits = _generate(model, ids.to(device), mask.to(device), cfg)

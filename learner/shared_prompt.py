@@ -1,0 +1,97 @@
+"""The student's logits on a step's responses, computing each distinct prompt once.
+
+A step trains on K responses to each prompt (``sampling.responses_per_prompt``); a plain forward
+pass over prompt + response rows runs every prompt K times. Here each distinct prompt runs once,
+the responses attend to its keys and values, and its last position predicts the first token of
+every response to it. The logits are the model's own; the gradient reaching a shared prompt is
+the sum over its responses (autograd adds up the rows that index it). The work shrinks by the
+share of prompt tokens, (K - 1) / K of them: on the demo's batches (8 prompts of 18 tokens,
+4 responses of at most 12) forward + backward takes ~0.7x the time of the transformers pass
+(``benchmarks/bench_learner.py --shared-prompt``).
+
+Llama-family students only (``services.rollout.cached_decoder.supports``), with the cached
+decoder's layer arithmetic; ``learner.train`` uses the model's own forward pass for others, and
+under DDP, whose gradient hooks need its own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from learner.batching import Packed
+from services.rollout.cached_decoder import CachedDecoder
+
+
+@dataclass
+class PromptGroups:
+    """The rows of a packed batch split into distinct prompts and responses."""
+
+    prompts: Tensor  # (G, Wp) distinct prompts, left-padded
+    prompt_mask: Tensor  # (G, Wp) bool, True on prompt tokens
+    responses: Tensor  # (B, max(W - 1, 1)) each response without its last token, right-padded
+    lengths: Tensor  # (B,) response lengths P_b
+    group: Tensor  # (B,) the row's prompt in ``prompts``
+
+
+def prompt_groups(packed: Packed) -> PromptGroups:
+    """Rows with the same prompt tokens share one prompt row."""
+    index: dict[tuple[int, ...], int] = {}
+    group = []
+    for row, start in zip(packed.input_ids.tolist(), packed.starts.tolist(), strict=True):
+        group.append(index.setdefault(tuple(row[:start]), len(index)))
+    width = max(len(p) for p in index)
+    prompts = torch.zeros((len(index), width), dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.bool)
+    for g, p in enumerate(index):
+        prompts[g, width - len(p) :] = torch.tensor(p)
+        mask[g, width - len(p) :] = True
+    # response position t holds token start + t; the last token predicts nothing the loss uses
+    # (one column at least, so that one-token responses keep the shapes simple)
+    steps = torch.arange(max(packed.width - 1, 1))[None, :]
+    cols, inside = packed.starts[:, None] + steps, steps < packed.lengths[:, None] - 1
+    rows = torch.arange(len(group))[:, None]
+    responses = torch.where(inside, packed.input_ids[rows, cols.clamp(max=packed.input_ids.shape[1] - 1)], 0)
+    return PromptGroups(prompts, mask, responses, packed.lengths, torch.tensor(group))
+
+
+def _causal(n: int) -> Tensor:
+    return torch.ones((n, n), dtype=torch.bool).tril()
+
+
+def _masks(g: PromptGroups) -> tuple[Tensor, Tensor]:
+    """Which keys each query may attend to: prompts (G, 1, Wp, Wp) over themselves; responses
+    (B, 1, T, Wp + T) over their prompt and their own earlier tokens. A padding position attends
+    to itself, so that no row of the attention is empty."""
+    wp, t = g.prompts.shape[1], g.responses.shape[1]
+    prompt = _causal(wp) & (g.prompt_mask[:, None, None, :] | torch.eye(wp, dtype=torch.bool))
+    real = torch.arange(t)[None, :] < g.lengths[:, None] - 1
+    own = _causal(t) & (real[:, None, None, :] | torch.eye(t, dtype=torch.bool))
+    of_prompt = g.prompt_mask[g.group][:, None, None, :].expand(-1, 1, t, wp)
+    return prompt, torch.cat([of_prompt, own], -1)
+
+
+def response_logits(model: PreTrainedModel, packed: Packed) -> Tensor:
+    """Logits (B, T, V) predicting each response token, as ``learner.batching.response_logits``
+    reads them from the model's own forward pass (positions past a row's length are padding)."""
+    d = CachedDecoder(model)  # built here so that its fused weights carry the gradient
+    device = d.embed.device
+    g = prompt_groups(packed)
+    prompts, responses, group = g.prompts.to(device), g.responses.to(device), g.group.to(device)
+    prompt_mask, response_mask = (m.to(device) for m in _masks(g))
+    positions = (g.prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    after = g.prompt_mask.sum(-1)[g.group][:, None] + torch.arange(responses.shape[1])[None, :]
+    rope_p = [x[:, None] for x in d.rotary(d.embed, positions.to(device))]
+    rope_r = [x[:, None] for x in d.rotary(d.embed, after.to(device))]
+    xp, xr = d.embed_ids(prompts), d.embed_ids(responses)
+    for layer in d.layers:
+        qp, kp, vp = d.qkv(layer, xp, *rope_p)
+        qr, kr, vr = d.qkv(layer, xr, *rope_r)
+        keys, values = torch.cat([kp[group], kr], 2), torch.cat([vp[group], vr], 2)
+        xr = d.attend(layer, xr, qr, keys, values, response_mask)
+        xp = d.attend(layer, xp, qp, kp, vp, prompt_mask)
+    first = d.logits(xp[:, -1])[group]  # (B, V): each prompt's last position
+    return torch.cat([first[:, None], d.logits(xr)], 1)[:, : packed.width]
