@@ -4,10 +4,10 @@ A step trains on K responses to each prompt (``sampling.responses_per_prompt``);
 pass over prompt + response rows runs every prompt K times. Here each distinct prompt runs once,
 the responses attend to its keys and values, and its last position predicts the first token of
 every response to it. The logits are the model's own; the gradient reaching a shared prompt is
-the sum over its responses (autograd adds up the rows that index it). The work shrinks by the
-share of prompt tokens, (K - 1) / K of them: on the demo's batches (8 prompts of 18 tokens,
-4 responses of at most 12) forward + backward takes ~0.7x the time of the transformers pass
-(``benchmarks/bench_learner.py --shared-prompt``).
+the sum over its responses (autograd adds up the rows that index it). It saves the work of
+(K - 1) / K of the prompt tokens: on the demo's batches (8 prompts of 18 tokens, 4 responses of
+at most 12) forward + backward takes 0.72x the time of the transformers pass; with 128-token
+prompts and responses at hidden size 256, 0.58x (``benchmarks/bench_shared_prompt.py``).
 
 Llama-family students only (``services.rollout.cached_decoder.supports``), with the cached
 decoder's layer arithmetic; ``learner.train`` uses the model's own forward pass for others, and

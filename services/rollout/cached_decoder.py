@@ -2,7 +2,7 @@
 
 ``transformers``' ``generate`` spends most of a small model's decode step outside the model's
 arithmetic (logits processors, stopping criteria, cache objects, mask building): at the demo
-student's size this loop samples 1.7x as many tokens per second on one CPU core
+student's size this loop samples 1.3-1.8x as many tokens per second on one CPU core
 (``benchmarks/bench_rollout_sampler.py``); on compute-bound models the two are even. The loop
 reads the weights of the transformers model it is built from (fusing q/k/v and gate/up into one
 matrix each), keeps a preallocated KV cache and samples with ``torch.multinomial`` from
