@@ -58,6 +58,8 @@ def test_distill_up_then_teachers_add_run_and_plot(tmp_path: Path) -> None:
     up = subprocess.Popen(
         [DISTILL, "up", "--teacher", f"t0={teacher}", "--work-dir", str(work), "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # as a shell starts a background job: Ctrl-C must still stop everything
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         token = _read_until(up, r"DISTILL_TOKEN=(\S+)", 240).group(1)

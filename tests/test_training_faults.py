@@ -64,11 +64,12 @@ def test_learner_kill_9_redis_restart_and_a_poison_entry(stack: TrainingStack) -
 
 
 def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> None:
-    run_id, steps = "run-faults000002", 24
+    run_id, steps = "run-faults000002", 120
     stack.create_run(run_id, stack.spec(steps=steps))
-    # One prompt per lease: both workers share every step. Enough steps that work is left after the
-    # kill (the test looks every 0.2 s, and a step can take 20 ms), so the survivor takes over the
-    # victim's prompts and meets the teacher's downtime.
+    # One prompt per lease: both workers share every step. Enough steps that work is left when the
+    # teacher goes down (the test looks every 0.2 s, and a step can take 10 ms: 24 steps were
+    # sometimes all done by then), so the survivor takes over the victim's prompts and meets the
+    # teacher's downtime.
     survivor = stack.worker("w-b", "--lease-ttl-s", "3", "--prompts-per-batch", "1")
     victim = stack.worker("w-c", "--lease-ttl-s", "3", "--prompts-per-batch", "1")
     learner = stack.learner(run_id, "--audit")

@@ -18,6 +18,7 @@ fails and 2 when it is stopped.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -263,6 +264,10 @@ def _do(method: str, path: str, **kwargs: Any) -> None:
         _show(result)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def up(
     teacher: Annotated[list[str], typer.Option(help="NAME=MODEL_PATH, one teacher service each")] = [],  # noqa: B006
@@ -277,6 +282,10 @@ def up(
         if not sep or not name or not Path(path).exists():
             raise _fail(ValueError(f"--teacher: expected NAME=EXISTING_PATH, got {item!r}"))
         teachers[name] = Path(path)
+    # Ctrl-C and `kill` both stop the children: SIGTERM would otherwise end this process alone, and
+    # a shell starts background jobs with SIGINT ignored
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     stack = LocalStack(StackConfig(work_dir, teachers, port, workers))
     try:
         stack.start()
