@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from learner.batching import Packed
-from services.rollout.cached_decoder import CachedDecoder
+from services.rollout.cached_decoder import CachedDecoder, causal_mask
 
 
 @dataclass
@@ -32,8 +32,8 @@ class PromptGroups:
 
     prompts: Tensor  # (G, Wp) distinct prompts, left-padded
     prompt_mask: Tensor  # (G, Wp) bool, True on prompt tokens
-    responses: Tensor  # (B, max(W - 1, 1)) each response without its last token, right-padded
-    lengths: Tensor  # (B,) response lengths P_b
+    responses: Tensor  # (B, T) each response without its last token, right-padded; T = max(W - 1, 1)
+    real: Tensor  # (B, T) bool, True on the response tokens
     group: Tensor  # (B,) the row's prompt in ``prompts``
 
 
@@ -55,23 +55,15 @@ def prompt_groups(packed: Packed) -> PromptGroups:
     cols, inside = packed.starts[:, None] + steps, steps < packed.lengths[:, None] - 1
     rows = torch.arange(len(group))[:, None]
     responses = torch.where(inside, packed.input_ids[rows, cols.clamp(max=packed.input_ids.shape[1] - 1)], 0)
-    return PromptGroups(prompts, mask, responses, packed.lengths, torch.tensor(group))
-
-
-def _causal(n: int) -> Tensor:
-    return torch.ones((n, n), dtype=torch.bool).tril()
+    return PromptGroups(prompts, mask, responses, inside, torch.tensor(group))
 
 
 def _masks(g: PromptGroups) -> tuple[Tensor, Tensor]:
     """Which keys each query may attend to: prompts (G, 1, Wp, Wp) over themselves; responses
-    (B, 1, T, Wp + T) over their prompt and their own earlier tokens. A padding position attends
-    to itself, so that no row of the attention is empty."""
+    (B, 1, T, Wp + T) over their prompt and their own earlier tokens."""
     wp, t = g.prompts.shape[1], g.responses.shape[1]
-    prompt = _causal(wp) & (g.prompt_mask[:, None, None, :] | torch.eye(wp, dtype=torch.bool))
-    real = torch.arange(t)[None, :] < g.lengths[:, None] - 1
-    own = _causal(t) & (real[:, None, None, :] | torch.eye(t, dtype=torch.bool))
     of_prompt = g.prompt_mask[g.group][:, None, None, :].expand(-1, 1, t, wp)
-    return prompt, torch.cat([of_prompt, own], -1)
+    return causal_mask(g.prompt_mask), torch.cat([of_prompt, causal_mask(g.real)], -1)
 
 
 def response_logits(model: PreTrainedModel, packed: Packed) -> Tensor:

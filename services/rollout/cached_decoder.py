@@ -87,6 +87,15 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def causal_mask(real: Tensor) -> Tensor:
+    """(N, 1, W, W) attention mask of rows whose real positions ``real`` (N, W) marks: each position
+    attends to the real ones up to itself, and a padding position to itself only, so that no row
+    of the attention is empty."""
+    w = real.shape[1]
+    causal = torch.ones((w, w), dtype=torch.bool, device=real.device).tril()
+    return causal & (real[:, None, None, :] | torch.eye(w, dtype=torch.bool, device=real.device))
+
+
 class CachedDecoder:
     """Samples continuations of left-padded prompts from a Llama-family model (see ``supports``)."""
 
@@ -174,10 +183,7 @@ class CachedDecoder:
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # each row counts from 0 at its first token
         cos, sin = self.rotary(keys, positions)  # (P, total, D)
         cos, sin = cos[:, None], sin[:, None]
-        # A padding position attends to itself only, so that no row of the attention is empty.
-        causal = torch.ones((width, width), dtype=torch.bool, device=ids.device).tril()
-        itself = torch.eye(width, dtype=torch.bool, device=ids.device)
-        prefill = causal & (real[:, None, None, :width] | itself)
+        prefill = causal_mask(real[:, :width])
         logits = self._forward(ids, (cos[..., :width, :], sin[..., :width, :]), cache, 0, prefill)
         if repeats > 1:
             cache = (cache[0].repeat_interleave(repeats, 1), cache[1].repeat_interleave(repeats, 1))
