@@ -490,13 +490,9 @@ class RolloutWorker:
         try:
             while not stop.is_set() and not await self._run_over():
                 leases, _ = await producer.try_lease_many(batch)
-                if not leases and publishing is not None:
-                    # The learner finishing a step frees capacity, often before this publication
-                    # ends: look again soon, so that sampling the next batch overlaps its scoring.
-                    done, _ = await asyncio.wait({publishing}, timeout=_FIRST_WAIT_S)
-                    if done:
-                        published += publishing.result()
-                        publishing = None
+                if not leases and publishing is not None:  # publishing it may be what frees capacity
+                    published += await publishing
+                    publishing = None
                     continue
                 if not leases:  # the learner lags by max_staleness versions: wait, drop nothing
                     await asyncio.sleep(wait)
