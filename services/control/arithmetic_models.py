@@ -293,9 +293,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                           repair_target=0.95)  # fmt: skip
         build(a.dir, TEACHER, cfg, "teacher")
     else:
-        # clean answers, stopped early: samples that are not garbage, far below the teacher
+        # clean answers, stopped early: samples that are not garbage, far below the teacher. Checked
+        # every 25 steps: held-out exact match can jump from 19% to 80% within 100 steps (seen on an
+        # AVX2 machine, where the float rounding sends training down another path than on AVX-512)
         target = a.target or 0.2
-        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, eval_every=100, seed=2)
+        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, eval_every=25, seed=2)
         build(a.dir, STUDENT, cfg, "student")
     sys.stdout.flush()
 
