@@ -12,7 +12,7 @@ import torch
 
 from services.control import arithmetic_models as am
 from services.control.arithmetic import ERASE, MAX_DIGITS, answer_of
-from services.teacher.tiny_model import TinySpec
+from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 WORD = {i: w for w, i in am._ID.items()}
 PROMPT = 2 * MAX_DIGITS + 2  # tokens of every prompt: two padded operands, "+" and "="
@@ -83,3 +83,23 @@ def test_repair_rate_is_a_share_of_the_forced_mistakes(tiny: tuple[TinySpec, am.
     model = am.load(tmp_path / "m")
     rate = am.repair_rate(model, digits=2, count=20)
     assert 0.0 <= rate <= 1.0 and rate == am.repair_rate(model, digits=2, count=20)
+
+
+def _checked_steps(out: str) -> list[int]:
+    return [int(line.split()[2]) for line in out.splitlines() if line.startswith("teacher step ")]
+
+
+@pytest.mark.parametrize(("floor", "checked"), [(0.0, [1]), (1.01, [1, 2, 4, 6])])
+def test_the_time_budget_stops_training_only_at_or_above_the_floor(
+    tiny: tuple[TinySpec, am.TrainConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    floor: float, checked: list[int],
+) -> None:  # fmt: skip
+    """Out of time at once: with no floor training stops at the first step; below an unreachable floor
+    it trains on to max_steps, checked every eval_every steps and at the last."""
+    spec, cfg = tiny
+    cfg = replace(cfg, budget_s=0.0, max_steps=6, eval_every=2, floor=floor)
+    build_tiny_model(tmp_path / "m", spec, words=am.WORDS)
+    am.train(am.load(tmp_path / "m"), cfg, "teacher")
+    out = capsys.readouterr().out
+    assert _checked_steps(out) == checked
+    assert ("training on until it is reached" in out) == (floor > 0)

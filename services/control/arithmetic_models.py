@@ -53,10 +53,11 @@ STUDENT = TinySpec(hidden_size=48, num_layers=4, num_heads=4, max_length=64, see
 class TrainConfig:
     lengths: tuple[int, ...]
     max_steps: int
-    budget_s: float  # stop after this long even when max_steps is not reached
+    budget_s: float  # stop after this long even when max_steps is not reached, unless below floor
     target: float = 1.0  # stop once held-out exact match (checked every eval_every steps) reaches it
     corrected: float = 0.0  # share of answers shown with one mistake erased and corrected
     repair_target: float = 0.0  # ... and, when > 0, once repair_rate reaches this too
+    floor: float = 0.0  # past budget_s, train on (to max_steps) while held-out exact match is below this
     batch: int = 128
     lr: float = 3e-3
     eval_every: int = 250
@@ -116,7 +117,7 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.max_steps))
-    start, accuracy = time.monotonic(), 0.0
+    start, accuracy, overtime = time.monotonic(), 0.0, False
     for step in range(1, cfg.max_steps + 1):
         model.train()
         ids, labels = _batch(cfg.lengths, cfg.batch, rng, cfg.corrected)
@@ -126,16 +127,23 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        done = step == cfg.max_steps or time.monotonic() - start > cfg.budget_s
-        if step % cfg.eval_every == 0 or done:
-            per_length = evaluate(model, cfg.lengths, count=100)
-            accuracy = sum(per_length.values()) / len(per_length)
-            repairs = repair_rate(model, max(cfg.lengths), count=100) if cfg.repair_target else None
-            shown = f"  repairs {repairs:.2f}" if repairs is not None else ""
-            print(f"{log_prefix} step {step}  loss {loss.item():.3f}  held-out exact match "
-                  f"{accuracy:.3f}{shown}  ({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
-            if (accuracy >= cfg.target and (repairs or 0.0) >= cfg.repair_target) or done:
-                break
+        last, over = step == cfg.max_steps, time.monotonic() - start > cfg.budget_s
+        # past the budget below the floor, the checks keep their eval_every rhythm
+        if step % cfg.eval_every and not last and not (over and not overtime):
+            continue
+        per_length = evaluate(model, cfg.lengths, count=100)
+        accuracy = sum(per_length.values()) / len(per_length)
+        repairs = repair_rate(model, max(cfg.lengths), count=100) if cfg.repair_target else None
+        shown = f"  repairs {repairs:.2f}" if repairs is not None else ""
+        print(f"{log_prefix} step {step}  loss {loss.item():.3f}  held-out exact match "
+              f"{accuracy:.3f}{shown}  ({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
+        met = accuracy >= cfg.target and (repairs or 0.0) >= cfg.repair_target
+        if met or last or (over and accuracy >= cfg.floor):
+            break
+        if over and not overtime:
+            print(f"{log_prefix}: over the {cfg.budget_s:g} s budget below {cfg.floor:.0%} held-out "
+                  "exact match: training on until it is reached", flush=True)  # fmt: skip
+        overtime = over
     return accuracy
 
 
@@ -289,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights = latest_weights(a.checkpoints) if a.checkpoints else None
         print(json.dumps(evaluate(load(a.dir, weights), lengths, a.count)))
     elif a.role == "teacher":
+        # the demo needs a teacher right on 95% of held-out problems (issue 8), however slow the machine
         cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, a.target or 0.97, corrected=0.5,
-                          repair_target=0.95)  # fmt: skip
+                          repair_target=0.95, floor=0.95)  # fmt: skip
         build(a.dir, TEACHER, cfg, "teacher")
     else:
         # clean answers, stopped early: samples that are not garbage, far below the teacher. Checked
