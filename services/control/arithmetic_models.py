@@ -128,8 +128,8 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         opt.step()
         sched.step()
         last, over = step == cfg.max_steps, time.monotonic() - start > cfg.budget_s
-        # past the budget below the floor, the checks keep their eval_every rhythm
-        if step % cfg.eval_every and not last and not (over and not overtime):
+        just_over = over and not overtime  # checked at once; below the floor, every eval_every steps
+        if step % cfg.eval_every and not last and not just_over:
             continue
         per_length = evaluate(model, cfg.lengths, count=100)
         accuracy = sum(per_length.values()) / len(per_length)
@@ -140,7 +140,7 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         met = accuracy >= cfg.target and (repairs or 0.0) >= cfg.repair_target
         if met or last or (over and accuracy >= cfg.floor):
             break
-        if over and not overtime:
+        if just_over:
             print(f"{log_prefix}: over the {cfg.budget_s:g} s budget below {cfg.floor:.0%} held-out "
                   "exact match: training on until it is reached", flush=True)  # fmt: skip
         overtime = over
