@@ -89,17 +89,24 @@ def _checked_steps(out: str) -> list[int]:
     return [int(line.split()[2]) for line in out.splitlines() if line.startswith("teacher step ")]
 
 
-@pytest.mark.parametrize(("floor", "checked"), [(0.0, [1]), (1.01, [1, 2, 4, 6])])
-def test_the_time_budget_stops_training_only_at_or_above_the_floor(
+@pytest.mark.parametrize(
+    ("floor", "limit_s", "checked"),
+    [(0.0, None, [1]), (1.01, None, [1, 2, 4, 6]), (1.01, 0.0, [1])],
+)
+def test_the_time_budget_stops_training_only_at_or_above_the_floor_and_the_limit_always(
     tiny: tuple[TinySpec, am.TrainConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    floor: float, checked: list[int],
+    floor: float, limit_s: float | None, checked: list[int],
 ) -> None:  # fmt: skip
     """Out of time at once: with no floor training stops at the first step; below an unreachable floor
-    it trains on to max_steps, checked every eval_every steps and at the last."""
+    it trains on to max_steps, checked every eval_every steps and at the last, unless its time limit
+    is out too; then it stops at once and says why."""
     spec, cfg = tiny
-    cfg = replace(cfg, budget_s=0.0, max_steps=6, eval_every=2, floor=floor)
+    cfg = replace(cfg, budget_s=0.0, max_steps=6, eval_every=2, floor=floor, limit_s=limit_s)
     build_tiny_model(tmp_path / "m", spec, words=am.WORDS)
     am.train(am.load(tmp_path / "m"), cfg, "teacher")
     out = capsys.readouterr().out
     assert _checked_steps(out) == checked
-    assert ("training on until it is reached" in out) == (floor > 0)
+    assert ("training on until it is reached" in out) == (floor > 0 and limit_s is None)
+    stopped = "below its 101% floor; give it more time or steps"
+    assert ("stopped by its 0 s limit at" in out and stopped in out) == (limit_s == 0.0)
+    assert ("stopped by its 6 steps at" in out) == (floor > 0 and limit_s is None)

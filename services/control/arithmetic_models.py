@@ -57,7 +57,8 @@ class TrainConfig:
     target: float = 1.0  # stop once held-out exact match (checked every eval_every steps) reaches it
     corrected: float = 0.0  # share of answers shown with one mistake erased and corrected
     repair_target: float = 0.0  # ... and, when > 0, once repair_rate reaches this too
-    floor: float = 0.0  # past budget_s, train on (to max_steps) while held-out exact match is below this
+    floor: float = 0.0  # past budget_s, train on while held-out exact match is below this ...
+    limit_s: float | None = None  # ... but never past this long (then stop whatever the accuracy)
     batch: int = 128
     lr: float = 3e-3
     eval_every: int = 250
@@ -127,7 +128,9 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        last, over = step == cfg.max_steps, time.monotonic() - start > cfg.budget_s
+        elapsed = time.monotonic() - start
+        over, out_of_time = elapsed > cfg.budget_s, cfg.limit_s is not None and elapsed > cfg.limit_s
+        last = step == cfg.max_steps or out_of_time
         just_over = over and not overtime  # checked at once; below the floor, every eval_every steps
         if step % cfg.eval_every and not last and not just_over:
             continue
@@ -138,7 +141,14 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
         print(f"{log_prefix} step {step}  loss {loss.item():.3f}  held-out exact match "
               f"{accuracy:.3f}{shown}  ({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
         met = accuracy >= cfg.target and (repairs or 0.0) >= cfg.repair_target
-        if met or last or (over and accuracy >= cfg.floor):
+        if met or (over and accuracy >= cfg.floor):
+            break
+        if last:
+            if accuracy < cfg.floor:
+                why = f"its {cfg.limit_s:g} s limit" if out_of_time else f"its {cfg.max_steps} steps"
+                print(f"{log_prefix}: stopped by {why} at {accuracy:.1%} held-out exact match, below "
+                      f"its {cfg.floor:.0%} floor; give it more time or steps (--limit-s, --steps)",
+                      flush=True)  # fmt: skip
             break
         if just_over:
             print(f"{log_prefix}: over the {cfg.budget_s:g} s budget below {cfg.floor:.0%} held-out "
@@ -287,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=list(range(1, MAX_DIGITS + 1)))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=240.0)
+    p.add_argument("--limit-s", type=float, default=300.0, help="teacher: stop by then (issue 8: 5 min)")
     p.add_argument("--target", type=float, help="stop at this held-out exact match (default 0.97 / 0.2)")
     p.add_argument("--count", type=int, default=200, help="eval: held-out problems per length")
     p.add_argument("--checkpoints", type=Path, help="eval: a run's checkpoint folder (latest is used)")
@@ -297,9 +308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights = latest_weights(a.checkpoints) if a.checkpoints else None
         print(json.dumps(evaluate(load(a.dir, weights), lengths, a.count)))
     elif a.role == "teacher":
-        # the demo needs a teacher right on 95% of held-out problems (issue 8), however slow the machine
-        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, a.target or 0.97, corrected=0.5,
-                          repair_target=0.95, floor=0.95)  # fmt: skip
+        # Past its budget the teacher trains on (to its limit) while below its target: issue 8 asks for
+        # at least 95% of held-out problems right, and a check of 800 problems reading 95.5% was
+        # 92.0-97.5% per length on the demo's larger table; the target leaves that margin
+        target = a.target or 0.97
+        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, corrected=0.5,
+                          repair_target=0.95, floor=target, limit_s=a.limit_s)  # fmt: skip
         build(a.dir, TEACHER, cfg, "teacher")
     else:
         # clean answers, stopped early: samples that are not garbage, far below the teacher. Checked
