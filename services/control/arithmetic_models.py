@@ -1,13 +1,14 @@
 """The demo's teacher and student for :mod:`services.control.arithmetic`, built offline on a CPU.
 
 ``python -m services.control.arithmetic_models teacher DIR`` trains a small Llama from scratch
-on the addition task until it reaches ``--target`` held-out exact match or its time budget runs
-out. Half of its answers carry one wrong digit, erased and corrected (``arithmetic.with_correction``),
-with no loss on the wrong digit: it learns to repair a mistake, never to make one. ``student DIR``
-builds a narrower model and warms it up on clean answers (GKD's warm-up, seed 002 chapter 4)
-until ``--target`` (20%), so its samples are not garbage but far below the teacher; ``eval DIR``
-prints held-out exact match per answer length as JSON. Each runs in a child process: the control
-plane never imports torch.
+on the addition task until it reaches ``--target`` held-out exact match and repairs 95% of forced
+mistakes, or its time budget runs out while it is at ``--target`` (below, it trains on, never past
+``--limit-s``). Half of its answers carry one wrong digit, erased and corrected
+(``arithmetic.with_correction``), with no loss on the wrong digit: it learns to repair a mistake,
+never to make one. ``student DIR`` builds a narrower model and warms it up on clean answers
+(GKD's warm-up, seed 002 chapter 4) until ``--target`` (20%), so its samples are not garbage but
+far below the teacher; ``eval DIR`` prints held-out exact match per answer length as JSON. Each
+runs in a child process: the control plane never imports torch.
 """
 
 from __future__ import annotations
