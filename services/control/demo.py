@@ -35,7 +35,7 @@ class DemoConfig:
     work_dir: Path = Path("runs/demo")
     steps: int = 300
     api_port: int = 8000
-    # the teacher stops at 97% held-out and 95% of forced mistakes repaired (2,250 steps, 161 s on
+    # the teacher stops at 97% held-out and 95% of forced mistakes repaired (2,250 steps, 161-168 s on
     # an Intel AVX-512 machine), or past this budget once it is at 97% (it then trains on to its
     # 300 s limit); 210 s keeps the demo within 10 minutes, install included, where steps are slower
     teacher_budget_s: float = 210.0
