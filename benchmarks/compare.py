@@ -165,7 +165,7 @@ def _teacher_batches(teacher: Any, prompts: list[str], b: Budget) -> Iterator[tu
         eos_token_id=am.EOS, pad_token_id=am.PAD,
     )  # fmt: skip
     for step in range(b.steps):
-        chosen = [am.encode(p) for p in rng.sample(prompts, b.prompts_per_step)]
+        chosen = [am.encode_prompt(p) for p in rng.sample(prompts, b.prompts_per_step)]
         samples = sample(teacher, chosen, cfg, b.seed * 100_003 + step)
         width = max(len(s.response_ids) for s in samples)
         rows = [s.prompt_ids + s.response_ids + [-1] * (width - len(s.response_ids)) for s in samples]

@@ -7,9 +7,9 @@ there is no ``lmbda``), and the loss is the reverse KL(student ‖ teacher) over
 and samples ``responses_per_prompt`` answers to each, as our ``SamplingSpec`` does; AdamW at a
 constant ``lr`` with TRL's default grad-norm clip of 1.0, which is also our ``OptimizerSpec``'s.
 
-Prompts are plain text: the word-level tokenizer adds no BOS and there is no chat template, so
-TRL's ids are ``arithmetic_models.encode(prompt)``; :func:`run_trl` checks this for every prompt
-before training. The answer is the continuation and ``</s>`` ends it.
+Prompts are plain text: the word-level tokenizer adds ``<s>`` and there is no chat template, so
+TRL's ids are ``arithmetic_models.encode_prompt(prompt)``; :func:`run_trl` checks this for every
+prompt before training. The answer is the continuation and ``</s>`` ends it.
 
 Run: ``python -m benchmarks.trl_baseline --teacher DIR --student DIR --train JSONL --steps 100``
 (prints the result as JSON).
@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from services.control.arithmetic import read_dataset
-from services.control.arithmetic_models import encode, evaluate, grade, kl_to_teacher, load
+from services.control.arithmetic_models import encode_prompt, evaluate, grade, kl_to_teacher, load
 
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -135,8 +135,8 @@ def _check_tokenization(tokenizer: Any, prompts: Sequence[str]) -> None:
     """TRL tokenizes plain-text prompts with ``tokenizer(text=...)``; that must equal our encoding."""
     got = tokenizer(text=list(prompts))["input_ids"]
     for prompt, ids in zip(prompts, got, strict=True):
-        if list(ids) != encode(prompt):
-            ours = encode(prompt)
+        if list(ids) != encode_prompt(prompt):
+            ours = encode_prompt(prompt)
             raise ValueError(f"student tokenizer: {prompt!r} -> {list(ids)}, the platform encodes {ours}")
 
 

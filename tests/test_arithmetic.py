@@ -93,17 +93,18 @@ def test_a_correction_shows_one_wrong_digit_erased() -> None:
 
 
 def test_tokens_decode_to_the_answer_text(tmp_path: Path) -> None:
-    """The rollout worker decodes with skip_special_tokens; the verifier must see "d d d"."""
+    """The rollout worker encodes a prompt as the models were trained on it (<s> first) and decodes
+    with skip_special_tokens; the verifier must see "d d d"."""
     from transformers import AutoTokenizer
 
     from services.control.arithmetic import WORDS
-    from services.control.arithmetic_models import EOS, encode
+    from services.control.arithmetic_models import BOS, EOS, encode, encode_prompt
     from services.teacher.tiny_model import TinySpec, build_tiny_model
 
-    model_dir = build_tiny_model(tmp_path / "m", TinySpec(hidden_size=8), words=WORDS)
+    model_dir = build_tiny_model(tmp_path / "m", TinySpec(hidden_size=8, add_bos=True), words=WORDS)
     tok = AutoTokenizer.from_pretrained(model_dir)
     p = Problem(57, 68, 2)
-    assert tok.encode(p.prompt) == encode(p.prompt)
+    assert tok.encode(p.prompt) == encode_prompt(p.prompt) == [BOS, *encode(p.prompt)]
     assert tok.decode([*encode(p.answer), EOS], skip_special_tokens=True) == p.answer
 
 

@@ -15,14 +15,14 @@ from services.control.arithmetic import ERASE, MAX_DIGITS, answer_of
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 WORD = {i: w for w, i in am._ID.items()}
-PROMPT = 2 * MAX_DIGITS + 2  # tokens of every prompt: two padded operands, "+" and "="
+PROMPT = 2 * MAX_DIGITS + 3  # tokens of every prompt: <s>, two padded operands, "+" and "="
 
 
 def _answers(ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[str, str]]:
     """Each row's answer text (between the prompt and </s>) and the text of its labelled tokens."""
     out = []
     for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
-        assert all(x == -100 for x in lab[:PROMPT])
+        assert row[0] == am.BOS and all(x == -100 for x in lab[:PROMPT])
         answer = " ".join(WORD[t] for t in row[PROMPT : row.index(am.EOS)])
         out.append((answer, " ".join(WORD.get(t, "</s>") for t in lab[PROMPT:] if t != -100)))
     return out

@@ -21,8 +21,8 @@ KEYS = {"accuracy", "wrong_digits", "curve", "kl", "wall_s", "student_tokens", "
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trl")
-    teacher = TinySpec(hidden_size=32, num_layers=2, num_heads=2, max_length=64, seed=1)
-    student = TinySpec(hidden_size=16, num_layers=1, num_heads=2, max_length=64, seed=2)
+    teacher = TinySpec(hidden_size=32, num_layers=2, num_heads=2, max_length=64, seed=1, add_bos=True)
+    student = TinySpec(hidden_size=16, num_layers=1, num_heads=2, max_length=64, seed=2, add_bos=True)
     return {
         "teacher": build_tiny_model(root / "teacher", teacher, WORDS),
         "student": build_tiny_model(root / "student", student, WORDS),

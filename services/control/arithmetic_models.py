@@ -42,12 +42,16 @@ from services.control.arithmetic import (
 )
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
-EOS, PAD = SPECIALS.index("</s>"), SPECIALS.index("<pad>")
+BOS, EOS, PAD = SPECIALS.index("<s>"), SPECIALS.index("</s>"), SPECIALS.index("<pad>")
 _ID = {w: len(SPECIALS) + i for i, w in enumerate(WORDS)}
 # Four layers: telling that the digit just written is wrong takes the teacher one more step of
 # reasoning than writing the next digit (two or three layers learn the sum, but not to repair it).
-TEACHER = TinySpec(hidden_size=64, num_layers=4, num_heads=4, max_length=64, seed=1)
-STUDENT = TinySpec(hidden_size=48, num_layers=4, num_heads=4, max_length=64, seed=2)
+# <s> before every prompt, as Llama's tokenizer adds it: without it, 2 of 4 student seeds warmed up
+# on an AVX2 CPU (the demo's among them; 0 of 4 with it) found the first answer digit only where "_"
+# pads the operands. The demo's layer-0 heads at "=" rested on the pads; 8-digit prompts have none,
+# and it wrote their first digit at chance, even after distillation.
+TEACHER = TinySpec(hidden_size=64, num_layers=4, num_heads=4, max_length=64, seed=1, add_bos=True)
+STUDENT = TinySpec(hidden_size=48, num_layers=4, num_heads=4, max_length=64, seed=2, add_bos=True)
 
 
 @dataclass
@@ -68,6 +72,11 @@ class TrainConfig:
 
 def encode(text: str) -> list[int]:
     return [_ID[w] for w in text.split()]
+
+
+def encode_prompt(text: str) -> list[int]:
+    """A prompt's ids as the models' tokenizer gives them: <s> first."""
+    return [BOS, *encode(text)]
 
 
 def _mistake(answer: str, rng: random.Random) -> tuple[int, str]:
@@ -94,13 +103,13 @@ def _batch(
     the teacher's training take several times as many steps, and more erratically."""
     counts = Counter(rng.choice(lengths) for _ in range(size))
     rows = [p for n, k in sorted(counts.items()) for p in problems(n, "train", k, seed=rng.randrange(2**31))]
-    prompt_len = len(encode(rows[0].prompt))
+    prompt_len = len(encode_prompt(rows[0].prompt))
     answers = [_answer(p.answer, corrected, rng) for p in rows]
     width = prompt_len + max(len(a) for a, _ in answers) + 1
     ids = torch.full((size, width), PAD)
     labels = torch.full((size, width), -100)
     for row, (p, (answer, wrong)) in enumerate(zip(rows, answers, strict=True)):
-        seq = encode(p.prompt) + answer + [EOS]
+        seq = encode_prompt(p.prompt) + answer + [EOS]
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, prompt_len : len(seq)] = ids[row, prompt_len : len(seq)]
         if wrong is not None:
@@ -162,7 +171,7 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
 def greedy_answers(model: PreTrainedModel, prompts: Sequence[str], digits: int) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded), as text (the tokens before ``</s>``)."""
     model.eval()
-    rows = [encode(p) for p in prompts]
+    rows = [encode_prompt(p) for p in prompts]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
     out = model.generate(  # type: ignore[operator]
@@ -229,7 +238,7 @@ def kl_to_teacher(student: PreTrainedModel, teacher: PreTrainedModel, lengths: S
     torch.manual_seed(seed)
     total, tokens = 0.0, 0
     for n in lengths:
-        ids = torch.tensor([encode(p.prompt) for p in problems(n, "test", count, seed)])
+        ids = torch.tensor([encode_prompt(p.prompt) for p in problems(n, "test", count, seed)])
         out = student.generate(  # type: ignore[operator]
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
             max_new_tokens=answer_room(n), pad_token_id=PAD, eos_token_id=EOS,

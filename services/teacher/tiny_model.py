@@ -23,6 +23,7 @@ class TinySpec:
     max_length: int = 256  # max_position_embeddings
     seed: int = 0
     tokenizer_salt: str = ""  # a different salt gives a tokenizer with another fingerprint
+    add_bos: bool = False  # the tokenizer starts every text with <s>, as Llama's does
 
 
 def build_tiny_model(out_dir: Path, spec: TinySpec | None = None, words: Sequence[str] = ()) -> Path:
@@ -32,7 +33,7 @@ def build_tiny_model(out_dir: Path, spec: TinySpec | None = None, words: Sequenc
     size), else ``w0 w1 ...``.
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     spec = spec or TinySpec()
@@ -43,6 +44,8 @@ def build_tiny_model(out_dir: Path, spec: TinySpec | None = None, words: Sequenc
     vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if spec.add_bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
