@@ -118,7 +118,7 @@ def _liger_provider(hidden: torch.Tensor, weight: torch.Tensor) -> Callable[[], 
     def run() -> None:
         h = hidden.detach().requires_grad_()
         w = weight.detach().requires_grad_()
-        jsd(h, w, t_hidden, t_weight).backward()
+        jsd(h, w, t_hidden, t_weight, None).backward()  # no labels: every position counts
 
     return run
 

@@ -11,7 +11,7 @@ Run: `pytest tests/test_kernels_fused_linear.py -q`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -209,10 +209,17 @@ def test_fused_several_teachers(monkeypatch: pytest.MonkeyPatch, backend: str) -
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_triton_on_gpu_bf16() -> None:
-    case = make_case(n=512, h=256, v=32_003, k=None)
+    """bf16 on GPU: the Triton kernels err no more than the torch path on the same inputs.
+
+    Both are measured against fp32 on the bf16-rounded inputs. These logits (std 8) round by up
+    to 0.125 in bf16 on either path, so a fixed tolerance would measure bf16, not the kernels.
+    """
+    case = make_case(n=512, h=256, v=32_003, k=None, dtype=torch.bfloat16)
     dev = Case(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in vars(case).values()))
-    want = unfused(dev, scaled_surrogate)
-    dev.hidden, dev.weight, dev.teacher = (x.bfloat16() for x in (dev.hidden, dev.weight, dev.teacher))
+    exact = replace(dev, hidden=dev.hidden.float(), weight=dev.weight.float(), teacher=dev.teacher.float())
+    want = unfused(exact, scaled_surrogate)
     got = fused(dev, scaled_surrogate, "triton", chunk=128)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
+    baseline = fused(dev, scaled_surrogate, "torch", chunk=128)
+    for g, b, w in zip(got, baseline, want, strict=True):
+        err, base_err = ((x.float() - w).abs().max().item() for x in (g, b))
+        assert err <= 1.25 * base_err + 1e-3, f"triton {err:.4f} against torch {base_err:.4f}"
