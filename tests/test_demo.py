@@ -17,7 +17,7 @@ DISTILL = str(Path(sys.executable).parent / "distill")
 
 def _demo(work: Path) -> str:
     cmd = [DISTILL, "demo", "--work-dir", str(work), "--steps", "10", "--port", str(free_port()),
-           "--teacher-budget-s", "3", "--student-warmup-steps", "3", "--eval-count", "20"]  # fmt: skip
+           "--teacher-steps", "8", "--student-warmup-steps", "3", "--eval-count", "20"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

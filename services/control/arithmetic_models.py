@@ -2,8 +2,8 @@
 
 ``python -m services.control.arithmetic_models teacher DIR`` trains a small Llama from scratch
 on the addition task until it reaches ``--target`` held-out exact match and repairs 95% of forced
-mistakes, or its time budget runs out while it is at ``--target`` (below, it trains on, never past
-``--limit-s``). Half of its answers carry one wrong digit, erased and corrected
+mistakes, or its time budget runs out while it is at ``--target`` (below, it trains on: to
+``--steps``, or ``--limit-s`` when given). Half of its answers carry one wrong digit, erased and corrected
 (``arithmetic.with_correction``), with no loss on the wrong digit: it learns to repair a mistake,
 never to make one. ``student DIR`` builds a narrower model and warms it up on clean answers
 (GKD's warm-up, seed 002 chapter 4) until ``--target`` (20%), so its samples are not garbage but
@@ -287,7 +287,7 @@ def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float |
     if saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(wanted)):
         print(f"using the cached {role} in {out_dir}", flush=True)
         return None
-    print(f"training the {role} (at most {cfg.budget_s:g} s; cached for reruns) ...", flush=True)
+    print(f"training the {role} to {cfg.target:.0%} held-out exact match (cached for reruns) ...", flush=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     build_tiny_model(tmp, spec, words=WORDS)
     model = load(tmp)
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=list(range(1, MAX_DIGITS + 1)))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=240.0)
-    p.add_argument("--limit-s", type=float, default=300.0, help="teacher: stop by then (issue 8: 5 min)")
+    p.add_argument("--limit-s", type=float, help="teacher: stop by then, whatever the accuracy")
     p.add_argument("--target", type=float, help="stop at this held-out exact match (default 0.97 / 0.2)")
     p.add_argument("--count", type=int, default=200, help="eval: held-out problems per length")
     p.add_argument("--checkpoints", type=Path, help="eval: a run's checkpoint folder (latest is used)")
@@ -318,19 +318,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights = latest_weights(a.checkpoints) if a.checkpoints else None
         print(json.dumps(evaluate(load(a.dir, weights), lengths, a.count)))
     elif a.role == "teacher":
-        # Past its budget the teacher trains on (to its limit) while below its target: issue 8 asks for
-        # at least 95% of held-out problems right, and a check of 800 problems reading 95.5% was
-        # 92.0-97.5% per length on the demo's larger table; the target leaves that margin
+        # Past its budget the teacher trains on while below its target: issue 8 asks for at least 95%
+        # of held-out problems right, and a check of 800 problems reading 95.5% was 92.0-97.5% per
+        # length on the demo's larger table; the target leaves that margin. No time limit by default:
+        # a CPU too slow for the 5 minutes (a 2 GHz Zen 1 did 660 steps in 300 s, at 83.5%) gets a
+        # usable teacher late rather than a demo that distills from a wrong one
         target = a.target or 0.97
         cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, corrected=0.5,
                           repair_target=0.95, floor=target, limit_s=a.limit_s)  # fmt: skip
         build(a.dir, TEACHER, cfg, "teacher")
     else:
-        # clean answers, stopped early: samples that are not garbage, far below the teacher. Checked
+        # clean answers, stopped early (past its budget too, only once there): samples that are not
+        # garbage, far below the teacher. Checked
         # every 25 steps: held-out exact match can jump from 19% to 80% within 100 steps (seen on an
         # AVX2 machine, where the float rounding sends training down another path than on AVX-512)
         target = a.target or 0.2
-        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, eval_every=25, seed=2)
+        cfg = TrainConfig(lengths, a.steps or 4000, a.budget_s, target, floor=target, eval_every=25, seed=2)
         build(a.dir, STUDENT, cfg, "student")
     sys.stdout.flush()
 
