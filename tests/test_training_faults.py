@@ -41,7 +41,7 @@ def test_learner_kill_9_redis_restart_and_a_poison_entry(stack: TrainingStack) -
     ledger.start()
     poison = {"rid": "poison", "group": "999999:1", "size": "1", "data": b"\x00\xffnot-a-rollout"}
     stack.client.xadd(stream, poison)  # type: ignore[arg-type]
-    stack.worker("w-a")
+    worker = stack.worker("w-a")
     learner = stack.learner(run_id, "--audit", "--max-deliveries", "2", "--lease-ttl-s", "4")
     stack.wait(lambda: stack.last_step(run_id) >= 3, 150, "step 3")
     learner.proc.kill()  # kill -9 after step 3: the last checkpoint holds step 2
@@ -61,6 +61,7 @@ def test_learner_kill_9_redis_restart_and_a_poison_entry(stack: TrainingStack) -
     pending_or_new = set(_rids(stack, stream))
     lost = set(produced) - set(applied) - set(dead) - pending_or_new
     assert not lost, f"rollouts neither applied, dead-lettered nor still queued: {sorted(lost)[:5]}"
+    worker.stop()  # workers serve every run: the next test's must be the only ones
 
 
 def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> None:
@@ -76,6 +77,9 @@ def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> No
     stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
     victim.proc.kill()  # its leased prompt is handed to the survivor when the lease runs out
     stack.wait(lambda: stack.last_step(run_id) >= 3, 150, "step 3 after the worker died")
+    # the victim's last groups can make step 3 while the survivor still starts (on a slow CPU, past
+    # the teacher's downtime): it must be sampling when the teacher goes down
+    stack.wait(lambda: "loaded policy version" in survivor.log(), 150, "the survivor sampling")
     stack.restart_teacher(down_s=10.0)
     stack.wait(lambda: stack.status(run_id) == "succeeded", 240, "run succeeded")
     assert learner.proc.wait(30) == 0
