@@ -37,7 +37,9 @@ class DemoConfig:
     api_port: int = 8000
     # the teacher stops at 97% held-out and 95% of forced mistakes repaired (2,000-2,250 steps,
     # 123-168 s on an Intel AVX-512 machine), or past this budget once it is at 97% (below, it trains
-    # on to teacher_steps); 210 s keeps the demo within 10 minutes, install included, on slower CPUs
+    # on to teacher_steps); 210 s keeps the demo within 10 minutes, install included, on CPUs up to
+    # 2.5x slower (an AVX2 EPYC: 8.5 minutes). A 2 GHz Zen 1, 3-5x slower, took 14.5 minutes, its
+    # teacher stopped past the budget at 97% before it repaired 95% of mistakes
     teacher_budget_s: float = 210.0
     teacher_steps: int = 4000  # a cap
     student_warmup_steps: int = 4000  # a cap: the warm-up stops at 20% held-out exact match
