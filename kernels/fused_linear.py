@@ -30,8 +30,6 @@ from kernels.validation import FLOAT_DTYPES, KernelInputError, KernelInputs, Sid
 
 logger = logging.getLogger(__name__)
 
-_MIN_CHUNK_ROWS = 128
-
 
 @dataclass
 class _Grads:
@@ -39,10 +37,13 @@ class _Grads:
     weight: torch.Tensor | None  # (V, H) fp32 accumulator
 
 
-def default_chunk_size(n: int, h: int, v: int) -> int:
+def default_chunk_size(n: int, h: int, v: int, device_type: str = "cpu") -> int:
     """Rows per chunk: a [chunk, V] logits buffer about as large as hidden [N, H] (Liger's rule),
-    but at least 128 rows, below which the chunk matmuls get too thin to run at speed."""
-    return max(min(n, _MIN_CHUNK_ROWS), min(n, math.ceil(n * h / max(v, 1))))
+    but at least 2,048 rows on CUDA and 128 elsewhere: thinner chunk matmuls run slowly. On an H200
+    (N=8192, H=4096, V=128,256, bf16) forward + backward took 101.7 ms at Liger's 262 rows, 56.1 at
+    1,024 and 48.0 at 2,048 (unfused 68.5), with 4.04, 4.22 and 4.47 GiB above the inputs (19.6)."""
+    least = 2048 if device_type == "cuda" else 128
+    return max(min(n, least), min(n, math.ceil(n * h / max(v, 1))))
 
 
 _MIXED_MM_OK: dict[str, bool] = {}  # device type → torch.mm(..., out_dtype=float32) available
@@ -242,7 +243,7 @@ def fused_linear_hybrid_loss(
     a = _check_row_vector(advantages, "advantages", n, hidden, 0.0)
     if chunk_size is not None and chunk_size < 1:
         raise KernelInputError(f"chunk_size: must be >= 1, got {chunk_size}")
-    chunk = chunk_size or default_chunk_size(n, hidden.shape[1], v)
+    chunk = chunk_size or default_chunk_size(n, hidden.shape[1], v, hidden.device.type)
     chosen = resolve_backend(backend, hidden.device)
     kl, lp = FusedLinearHybridFunction.apply(hidden, weight, side, w, a, chunk, chosen)
     return HybridLoss(kl, lp)

@@ -138,6 +138,8 @@ def test_default_chunk_keeps_logits_near_hidden_size() -> None:
     assert default_chunk_size(4, 4096, 1000) == 4
     assert default_chunk_size(3, 1, 10**6) == 3
     assert default_chunk_size(4096, 64, 151_936) == 128  # never thinner than 128 rows
+    assert default_chunk_size(8192, 4096, 128_256, "cuda") == 2048  # thin matmuls are slow on GPUs
+    assert default_chunk_size(1000, 4096, 128_256, "cuda") == 1000
 
 
 @pytest.mark.parametrize(
