@@ -59,7 +59,7 @@ def test_forced_mistakes_end_in_a_wrong_digit() -> None:
 @pytest.fixture
 def tiny() -> tuple[TinySpec, am.TrainConfig]:
     spec = TinySpec(hidden_size=8, num_layers=1, num_heads=2, max_length=64)
-    return spec, am.TrainConfig(lengths=(1,), max_steps=2, budget_s=30.0, batch=4, eval_every=1)
+    return spec, am.TrainConfig(lengths=(1,), max_steps=2, batch=4, eval_every=1)
 
 
 def test_a_model_is_rebuilt_only_when_its_recipe_changes(
@@ -90,23 +90,23 @@ def _checked_steps(out: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("floor", "limit_s", "checked"),
-    [(0.0, None, [1]), (1.01, None, [1, 2, 4, 6]), (1.01, 0.0, [1])],
+    ("target", "repair_target", "limit_s", "checked"),
+    [(0.0, 0.0, None, [2]), (1.01, 0.0, None, [2, 4, 6]), (0.0, 1.01, None, [2, 4, 6]),
+     (1.01, 0.0, 0.0, [1])],
 )
-def test_the_time_budget_stops_training_only_at_or_above_the_floor_and_the_limit_always(
+def test_training_stops_once_both_targets_are_met_or_steps_or_time_run_out(
     tiny: tuple[TinySpec, am.TrainConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    floor: float, limit_s: float | None, checked: list[int],
+    target: float, repair_target: float, limit_s: float | None, checked: list[int],
 ) -> None:  # fmt: skip
-    """Out of time at once: with no floor training stops at the first step; below an unreachable floor
-    it trains on to max_steps, checked every eval_every steps and at the last, unless its time limit
-    is out too; then it stops at once and says why."""
+    """Checked every eval_every steps and at the last: met targets stop it at the first check; an
+    unreachable accuracy or repair target trains it to max_steps, unless its time limit is out first;
+    then it stops at once and says why."""
     spec, cfg = tiny
-    cfg = replace(cfg, budget_s=0.0, max_steps=6, eval_every=2, floor=floor, limit_s=limit_s)
+    cfg = replace(cfg, max_steps=6, eval_every=2, target=target, repair_target=repair_target, limit_s=limit_s)
     build_tiny_model(tmp_path / "m", spec, words=am.WORDS)
     am.train(am.load(tmp_path / "m"), cfg, "teacher")
     out = capsys.readouterr().out
     assert _checked_steps(out) == checked
-    assert ("training on until it is reached" in out) == (floor > 0 and limit_s is None)
-    stopped = "below its 101% floor; give it more time or steps"
-    assert ("stopped by its 0 s limit at" in out and stopped in out) == (limit_s == 0.0)
-    assert ("stopped by its 6 steps at" in out) == (floor > 0 and limit_s is None)
+    assert ("repairs" in out) == (repair_target > 0)
+    assert ("stopped by its 0 s limit below its targets" in out) == (limit_s == 0.0)
+    assert ("stopped by its 6 steps below its targets" in out) == (checked == [2, 4, 6])

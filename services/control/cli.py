@@ -310,9 +310,6 @@ def demo(
     work_dir: Annotated[Path, typer.Option(help="models, runs, logs and the plot")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = DemoConfig.steps,
     port: Annotated[int, typer.Option(help="control plane port")] = 8000,
-    teacher_budget_s: Annotated[float, typer.Option(min=1, help="teacher time budget (first run)")] = (
-        DemoConfig.teacher_budget_s
-    ),
     teacher_steps: Annotated[int, typer.Option(min=1, help="teacher training steps cap (first run)")] = (
         DemoConfig.teacher_steps
     ),
@@ -324,7 +321,7 @@ def demo(
     ),
 ) -> None:
     """Train a teacher on addition (cached), then distill a student through the local stack, with plots."""
-    cfg = DemoConfig(work_dir, steps, port, teacher_budget_s=teacher_budget_s, teacher_steps=teacher_steps,
+    cfg = DemoConfig(work_dir, steps, port, teacher_steps=teacher_steps,
                      student_warmup_steps=student_warmup_steps, eval_count=eval_count)  # fmt: skip
     try:
         code = run_demo(cfg, lambda client, run_id: _follow(client, run_id, 0.5))
