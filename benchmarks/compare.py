@@ -29,7 +29,7 @@ once per seed (sampling, prompt order); the table gives means, accuracy ± its s
 "Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
 by the teacher (off-policy, whose wall time includes that sampling).
 
-    .venv/bin/python -m benchmarks.compare                  # the seven above x 3 seeds (~12 min, 2 cores)
+    .venv/bin/python -m benchmarks.compare                  # the seven above x 3 seeds (~15 min, 2 cores)
     .venv/bin/python -m benchmarks.compare --methods all    # ... and issue 9's options on top of hybrid
     .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50 --seeds 0
 """
@@ -37,6 +37,7 @@ by the teacher (off-policy, whose wall time includes that sampling).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -335,6 +336,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs once per seed")
     a = p.parse_args()
+    wants_trl = a.methods in ("core", "all") or "trl" in a.methods.split(",")
+    if wants_trl and importlib.util.find_spec("trl") is None:  # fail now, not after the other methods
+        p.error("--methods: trl needs TRL 1.16.0, a benchmark tool that `make demo` does not install; "
+                "run `make .venv/.installed` first, or leave trl out")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,15 @@ def test_a_tokenizer_unlike_the_platforms_is_refused(models: dict[str, Path], tm
         run_trl(models["teacher"], other, models["train"], tmp_path / "out", steps=1, prompts_per_step=1,
                 responses_per_prompt=1, max_new_tokens=2, lr=1e-3, eval_every=1,
                 eval_lengths=(1,))  # fmt: skip
+
+
+@pytest.mark.parametrize("methods", ["core", "dense,trl"])
+def test_compare_without_trl_says_how_to_get_it_before_any_work(tmp_path: Path, methods: str) -> None:
+    """`make demo` installs no TRL: compare stops before it trains the demo's models, and says why."""
+    hide_trl = "import sys; sys.modules['trl'] = None; from benchmarks.compare import main; main()"
+    demo, work = tmp_path / "demo", tmp_path / "compare"
+    args = ["--demo-dir", str(demo), "--work-dir", str(work), "--methods", methods]
+    out = subprocess.run([sys.executable, "-c", hide_trl, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "--methods: trl needs TRL 1.16.0" in out.stderr and "make .venv/.installed" in out.stderr
+    assert not demo.exists() and not work.exists()

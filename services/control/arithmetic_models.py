@@ -276,7 +276,9 @@ def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float |
     if saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(wanted)):
         print(f"using the cached {role} in {out_dir}", flush=True)
         return None
-    print(f"training the {role} to {cfg.target:.0%} held-out exact match (cached for reruns) ...", flush=True)
+    repairs = f" and {cfg.repair_target:.0%} of mistakes repaired" if cfg.repair_target else ""
+    print(f"training the {role} to {cfg.target:.0%} held-out exact match{repairs} (cached for reruns) ...",
+          flush=True)  # fmt: skip
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     build_tiny_model(tmp, spec, words=WORDS)
     model = load(tmp)
