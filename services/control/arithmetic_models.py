@@ -119,6 +119,11 @@ def _lr_factor(step: int, total: int) -> float:
     return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
+def _targets(cfg: TrainConfig) -> str:
+    repairs = f" and {cfg.repair_target:.0%} of mistakes repaired" if cfg.repair_target else ""
+    return f"{cfg.target:.0%} held-out exact match{repairs}"
+
+
 def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
     """Supervised training on ground-truth answers until both targets are met, or ``max_steps`` or
     ``limit_s`` run out; returns the last held-out exact match."""
@@ -149,9 +154,8 @@ def train(model: PreTrainedModel, cfg: TrainConfig, log_prefix: str) -> float:
             break
         if step == cfg.max_steps or out_of_time:
             why = f"its {cfg.limit_s:g} s limit" if out_of_time else f"its {cfg.max_steps} steps"
-            print(f"{log_prefix}: stopped by {why} below its targets ({cfg.target:.0%} held-out exact "
-                  f"match, {cfg.repair_target:.0%} of mistakes repaired); give it more time or steps "
-                  "(--limit-s, --steps)", flush=True)  # fmt: skip
+            print(f"{log_prefix}: stopped by {why} below its targets ({_targets(cfg)}); give it more "
+                  "time or steps (--limit-s, --steps)", flush=True)  # fmt: skip
             break
     return accuracy
 
@@ -276,9 +280,7 @@ def build(out_dir: Path, spec: TinySpec, cfg: TrainConfig, role: str) -> float |
     if saved.exists() and json.loads(saved.read_text()) == json.loads(json.dumps(wanted)):
         print(f"using the cached {role} in {out_dir}", flush=True)
         return None
-    repairs = f" and {cfg.repair_target:.0%} of mistakes repaired" if cfg.repair_target else ""
-    print(f"training the {role} to {cfg.target:.0%} held-out exact match{repairs} (cached for reruns) ...",
-          flush=True)  # fmt: skip
+    print(f"training the {role} to {_targets(cfg)} (cached for reruns) ...", flush=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     build_tiny_model(tmp, spec, words=WORDS)
     model = load(tmp)

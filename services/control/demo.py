@@ -36,8 +36,9 @@ class DemoConfig:
     steps: int = 300
     api_port: int = 8000
     # the teacher trains until it gets 97% of held-out problems right and repairs 95% of forced mistakes
-    # (2,000-2,250 steps, 123-168 s on an Intel AVX-512 machine); slower CPUs take longer, since a
-    # teacher that is wrong, or no expert on a student's mistakes, makes the rest of the demo moot
+    # (2,000 steps, 123 s on an Intel AVX-512 machine; 2,750, 256 s on an AVX-512 EPYC); slower CPUs
+    # take longer, since a teacher that is wrong, or no expert on a student's mistakes, makes the rest
+    # of the demo moot
     teacher_steps: int = 4000  # a cap
     student_warmup_steps: int = 4000  # a cap: the warm-up stops at 20% held-out exact match
     eval_count: int = 200  # held-out problems per answer length
