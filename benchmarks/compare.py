@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from contracts.runspec import LR_SCHEDULES, OptimizerSpec, lr_at
 from learner.checkpoint import complete_checkpoint_dirs
 from services.control import arithmetic_models as am
 from services.control.arithmetic import MAX_DIGITS, answer_room, read_dataset, write_dataset
@@ -71,6 +72,9 @@ class Budget:
     responses_per_prompt: int = 4
     max_new_tokens: int = answer_room(MAX_DIGITS)  # the longest answer, </s> and one correction
     lr: float = 5e-4  # at 1e-3 every method's accuracy swung by tens of points between checkpoints
+    # held at 5e-4, each run ended wherever its last steps left it: a method's 8-digit accuracy
+    # spread 15-45 points over three seeds; decayed to 0, by 1-6 (README, the comparison)
+    lr_schedule: str = "cosine"
     curve_points: int = 6  # accuracy measured this many times along each run
     eval_count: int = 200  # held-out problems per length for the final table
     seed: int = 0
@@ -113,7 +117,7 @@ def stack_specs(student: Path, dataset: Path, b: Budget) -> dict[str, dict[str, 
         "prompts_per_step": b.prompts_per_step,
         "max_new_tokens": b.max_new_tokens,
     }
-    hybrid["optimizer"] = {"lr": b.lr}
+    hybrid["optimizer"] = {"lr": b.lr, "schedule": b.lr_schedule}
     hybrid["checkpoint_interval"] = b.eval_every
     hybrid["seed"] = b.seed
     half = {"kind": "constant", "value": 0.5}
@@ -197,6 +201,7 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
     torch.manual_seed(b.seed)
     teacher, student = am.load(teacher_dir).eval(), am.load(student_dir)
     opt = torch.optim.AdamW(student.parameters(), lr=b.lr, weight_decay=0.0)
+    schedule = OptimizerSpec(lr=b.lr, schedule=b.lr_schedule)  # type: ignore[arg-type]
     wall, tokens, curve = 0.0, 0, []
     batches = _teacher_batches(teacher, prompts, b)
     for step in range(1, b.steps + 1):
@@ -207,6 +212,8 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(schedule, step - 1, b.steps)
         opt.step()
         tokens += n
         wall += time.perf_counter() - started
@@ -318,8 +325,8 @@ def run_trl_method(teacher_dir: Path, student_dir: Path, train: Path, work: Path
 
     out = run_trl(teacher_dir, student_dir, train, work / "trl", steps=b.steps,
                   prompts_per_step=b.prompts_per_step, responses_per_prompt=b.responses_per_prompt,
-                  max_new_tokens=b.max_new_tokens, lr=b.lr, eval_every=b.eval_every,
-                  eval_lengths=EVAL_LENGTHS, seed=b.seed)  # fmt: skip
+                  max_new_tokens=b.max_new_tokens, lr=b.lr, lr_schedule=b.lr_schedule,
+                  eval_every=b.eval_every, eval_lengths=EVAL_LENGTHS, seed=b.seed)  # fmt: skip
     accuracy = {int(k): float(v) for k, v in out["accuracy"].items()}
     curve = [(int(s), float(a)) for s, a in out["curve"]]
     wrong, kl, wall = float(out["wrong_digits"][LONG]), float(out["kl"]), float(out["wall_s"])
@@ -333,6 +340,8 @@ def main() -> None:
     p.add_argument("--methods", default="core", help="comma-separated names, core (issue 8's seven) or all")
     p.add_argument("--steps", type=int, default=Budget.steps)
     p.add_argument("--lr", type=float, default=Budget.lr, help="every method's learning rate")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=Budget.lr_schedule,
+                   help="every method's: held, or decayed to 0 at the last step")  # fmt: skip
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs once per seed")
     a = p.parse_args()
@@ -343,7 +352,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
-    specs = stack_specs(student_dir, train, Budget(steps=a.steps, lr=a.lr))
+    specs = stack_specs(student_dir, train, Budget(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule))
     chosen = {"core": list(ORDER), "all": list(ORDER) + [n for n in specs if n not in ORDER]}
     names = chosen.get(a.methods) or a.methods.split(",")
     unknown = [n for n in names if n not in (*OFFLINE, "trl", *specs)]
@@ -354,7 +363,7 @@ def main() -> None:
     runs: dict[str, list[Result]] = {name: [] for name in names}
     for seed in [int(x) for x in a.seeds.split(",")]:
         print(f"== seed {seed}", flush=True)
-        b = Budget(steps=a.steps, lr=a.lr, seed=seed)
+        b = Budget(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, seed=seed)
         seed_specs = stack_specs(student_dir, train, b)
         for r in _run_all(names, seed_specs, teacher, teacher_dir, student_dir, train, a, b):
             runs[r.method].append(r)

@@ -4,8 +4,9 @@ Same teacher, same student initialization, same train prompts as our runs, on CP
 samples its own answers at temperature 1 (TRL 1.16's ``DistillationTrainer`` is always on-policy;
 there is no ``lmbda``), and the loss is the reverse KL(student ‖ teacher) over the full vocabulary
 (``beta=1.0``; ``0.0`` would be forward KL). Each optimizer step draws ``prompts_per_step`` prompts
-and samples ``responses_per_prompt`` answers to each, as our ``SamplingSpec`` does; AdamW at a
-constant ``lr`` with TRL's default grad-norm clip of 1.0, which is also our ``OptimizerSpec``'s.
+and samples ``responses_per_prompt`` answers to each, as our ``SamplingSpec`` does; AdamW at
+``lr``, held or decayed to 0 as ``lr_schedule`` says (transformers' schedulers, which our
+``OptimizerSpec.schedule`` follows), with TRL's default grad-norm clip of 1.0, also our default.
 
 Prompts are plain text: the word-level tokenizer adds ``<s>`` and there is no chat template, so
 TRL's ids are ``arithmetic_models.encode_prompt(prompt)``; :func:`run_trl` checks this for every
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
+from contracts.runspec import LR_SCHEDULES
 from services.control.arithmetic import read_dataset
 from services.control.arithmetic_models import encode_prompt, evaluate, grade, kl_to_teacher, load
 
@@ -92,8 +94,8 @@ def _go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = True
 
 
-def _check_args(steps: int, prompts_per_step: int, responses_per_prompt: int, max_new_tokens: int,
-                lr: float, eval_every: int, eval_lengths: Sequence[int]) -> None:  # fmt: skip
+def _check_args(steps: int, prompts_per_step: int, responses_per_prompt: int, max_new_tokens: int, lr: float,
+                lr_schedule: str, eval_every: int, eval_lengths: Sequence[int]) -> None:  # fmt: skip
     positive = {"steps": steps, "prompts_per_step": prompts_per_step,
                 "responses_per_prompt": responses_per_prompt, "max_new_tokens": max_new_tokens,
                 "eval_every": eval_every}  # fmt: skip
@@ -102,6 +104,8 @@ def _check_args(steps: int, prompts_per_step: int, responses_per_prompt: int, ma
             raise ValueError(f"{name}: a positive integer, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr: must be > 0, got {lr!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if not eval_lengths or any(n < 1 for n in eval_lengths):
         raise ValueError(f"eval_lengths: one or more positive digit counts, got {tuple(eval_lengths)!r}")
 
@@ -141,7 +145,7 @@ def _check_tokenization(tokenizer: Any, prompts: Sequence[str]) -> None:
 
 
 def trl_config(
-    out_dir: Path, *, steps: int, batch: int, max_new_tokens: int, lr: float, seed: int
+    out_dir: Path, *, steps: int, batch: int, max_new_tokens: int, lr: float, lr_schedule: str, seed: int
 ) -> dict[str, Any]:
     """The ``DistillationConfig`` fields we set; everything else is TRL 1.16's default."""
     return {
@@ -155,7 +159,7 @@ def trl_config(
         "learning_rate": lr,
         "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
         "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
-        "lr_scheduler_type": "constant", "warmup_steps": 0,
+        "lr_scheduler_type": lr_schedule, "warmup_steps": 0,
         "shuffle_dataset": False,  # step_schedule already drew the prompts in step order
         "use_cpu": True, "bf16": False, "fp16": False,  # TRL defaults bf16 on
         # TRL defaults gradient checkpointing on (it only costs time on a tiny model); transformers 5.24
@@ -185,8 +189,8 @@ def _peak_rss_mb() -> float:
 
 def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Path, *, steps: int,
             prompts_per_step: int, responses_per_prompt: int, max_new_tokens: int, lr: float,
-            eval_every: int, eval_lengths: Sequence[int], seed: int = 0, eval_count: int = 50,
-            final_count: int = 200, kl_count: int = 100) -> dict[str, Any]:  # fmt: skip
+            eval_every: int, eval_lengths: Sequence[int], lr_schedule: str = "constant", seed: int = 0,
+            eval_count: int = 50, final_count: int = 200, kl_count: int = 100) -> dict[str, Any]:  # fmt: skip
     """Train the student with TRL's DistillationTrainer; accuracy, curve, KL, time and token counts.
 
     ``eval_count`` held-out problems per length for each curve point; ``final_count`` and ``kl_count``
@@ -194,7 +198,8 @@ def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Pa
     ``trainer.train()`` less the curve's evaluations: it excludes loading the models and building
     the trainer.
     """
-    _check_args(steps, prompts_per_step, responses_per_prompt, max_new_tokens, lr, eval_every, eval_lengths)
+    _check_args(steps, prompts_per_step, responses_per_prompt, max_new_tokens, lr, lr_schedule, eval_every,
+                eval_lengths)  # fmt: skip
     prompts = _train_prompts(train_jsonl)
     _go_offline()
     from datasets import Dataset
@@ -204,7 +209,7 @@ def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Pa
     _check_tokenization(tokenizer, prompts)
     teacher, student = load(teacher_dir), load(student_dir)
     fields = trl_config(out_dir / "trl", steps=steps, batch=prompts_per_step * responses_per_prompt,
-                        max_new_tokens=max_new_tokens, lr=lr, seed=seed)  # fmt: skip
+                        max_new_tokens=max_new_tokens, lr=lr, lr_schedule=lr_schedule, seed=seed)  # fmt: skip
     rows = step_schedule(prompts, steps, prompts_per_step, responses_per_prompt, seed)
     curve = _Curve(eval_every, eval_lengths, eval_count)
     trainer = _counting_trainer(DistillationTrainer)(
@@ -257,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--responses-per-prompt", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--eval-count", type=int, default=50, help="held-out problems per length per curve point")
@@ -265,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = run_trl(
         a.teacher, a.student, a.train, a.out, steps=a.steps, prompts_per_step=a.prompts_per_step,
         responses_per_prompt=a.responses_per_prompt, max_new_tokens=a.max_new_tokens, lr=a.lr,
-        eval_every=a.eval_every, eval_lengths=a.eval_lengths, seed=a.seed, eval_count=a.eval_count,
+        lr_schedule=a.lr_schedule, eval_every=a.eval_every, eval_lengths=a.eval_lengths, seed=a.seed,
+        eval_count=a.eval_count,
     )  # fmt: skip
     print(json.dumps(result))
 

@@ -7,6 +7,7 @@ control plane never imports torch. Symbols follow seed 000 (γ, λ, α, K); see 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +22,7 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "kl_mix")
 BASELINES = ("none", "leave_one_out")
 NORMALIZATIONS = ("sum_over_k", "per_token_mean")
 SUPPORTS = ("full", "student_top_k", "teacher_top_k", "union", "teacher_top_p")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class _Spec(BaseModel):
@@ -172,6 +174,22 @@ class OptimizerSpec(_Spec):
     lr: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1e-4
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     grad_clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0  # max global grad norm
+    # lr over the run, as transformers' schedulers of these names: rising from 0 over warmup_steps,
+    # then held (constant) or falling to 0 at the run's last step (linear, cosine)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+def lr_at(o: OptimizerSpec, done: int, steps: int) -> float:
+    """The learning rate of the optimizer step that follows ``done`` steps of a ``steps``-step run."""
+    if done < o.warmup_steps:
+        return o.lr * done / o.warmup_steps  # transformers too spends its first step at lr 0
+    if o.schedule == "constant":
+        return o.lr
+    progress = (done - o.warmup_steps) / max(1, steps - o.warmup_steps)
+    if o.schedule == "linear":
+        return o.lr * max(0.0, 1.0 - progress)
+    return o.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class RunSpec(_Spec):
@@ -202,6 +220,11 @@ class RunSpec(_Spec):
             raise ValueError("rewards: each reward name may appear once")
         if not self.teachers and not self.rewards:
             raise ValueError("teachers, rewards: a run needs at least one teacher or one reward")
+        if self.optimizer.warmup_steps > self.steps:
+            raise ValueError(
+                f"optimizer.warmup_steps: {self.optimizer.warmup_steps} is more than the run's "
+                f"{self.steps} steps; warm up over fewer steps or run longer"
+            )
         if self.objective.baseline == "leave_one_out" and self.sampling.responses_per_prompt < 2:
             raise ValueError("objective.baseline: leave_one_out needs sampling.responses_per_prompt >= 2")
         return self

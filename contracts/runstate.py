@@ -68,6 +68,7 @@ METRIC_FIELDS = (
     "sparse",
     "gamma",
     "tokens",  # response tokens trained in this step
+    "lr",  # the step's learning rate (optimizer.schedule)
     "tokens_per_s",
     "queue_len",
     "policy_lag",

@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from contracts import keys
 from contracts import runstate as rs
-from contracts.runspec import RunSpec, on_policy_share
+from contracts.runspec import RunSpec, lr_at, on_policy_share
 from contracts.schedules import ScheduleTimeline
 from learner import run_state, shared_prompt
 from learner.applied import AppliedIds
@@ -285,10 +285,13 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         (out.loss * scale).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
+        lr = lr_at(self.spec.optimizer, self.step, self.spec.steps)  # from the step: a resume needs no state
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         metrics = {
             "loss": float(out.loss.detach()), "dense_kl": float(out.kl_mean), "sparse": float(out.sparse),
-            "grad_norm": float(grad_norm), "tokens": float(out.num_tokens),
+            "grad_norm": float(grad_norm), "tokens": float(out.num_tokens), "lr": lr,
         }  # fmt: skip
         for n, name in enumerate(names):
             metrics[f"{rs.REWARD_PREFIX}{name}"] = float(rewards[:, n].mean()) if len(rollouts) else 0.0

@@ -528,7 +528,7 @@ def test_train_step_reports_the_options_metrics(
         learner = Learner(cfg, client, spec)
         metrics = learner.train_step(rollouts, len(rollouts))
         client.close()
-    base = ("loss", "dense_kl", "sparse", "tokens")
+    base = ("loss", "dense_kl", "sparse", "tokens", "lr")
     new = {name for name in metrics if name in METRIC_FIELDS and name not in base}
     assert new == expected
     assert all(math.isfinite(metrics[name]) for name in expected) and math.isfinite(metrics["loss"])

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.compare import Budget, stack_specs
 from benchmarks.trl_baseline import run_trl, step_schedule
+from contracts.runspec import RunSpec
 from services.control.arithmetic import WORDS, answer_room, write_dataset
 from services.control.arithmetic_models import load
 from services.teacher.tiny_model import TinySpec, build_tiny_model
@@ -43,7 +45,7 @@ def test_two_steps_train_the_student_and_count_its_tokens(models: dict[str, Path
     result = run_trl(
         models["teacher"], models["student"], models["train"], tmp_path, steps=steps,
         prompts_per_step=prompts, responses_per_prompt=responses, max_new_tokens=max_new, lr=1e-2,
-        eval_every=1, eval_lengths=(1, 2),
+        lr_schedule="cosine", eval_every=1, eval_lengths=(1, 2),
         seed=0, eval_count=4, final_count=4, kl_count=4,
     )  # fmt: skip
     assert result.keys() >= KEYS
@@ -56,7 +58,7 @@ def test_two_steps_train_the_student_and_count_its_tokens(models: dict[str, Path
     rows = steps * prompts * responses
     assert rows <= result["student_tokens"] <= rows * max_new
     assert result["tokens_per_s"] == pytest.approx(result["student_tokens"] / result["wall_s"])
-    assert result["trl_config"]["beta"] == 1.0 and result["trl_config"]["lr_scheduler_type"] == "constant"
+    assert result["trl_config"]["beta"] == 1.0 and result["trl_config"]["lr_scheduler_type"] == "cosine"
 
     assert _digest(models["student"]) == before  # the initial student is not touched
     initial, trained = load(models["student"]).state_dict(), load(tmp_path / "trl" / "student").state_dict()
@@ -79,6 +81,7 @@ def test_schedule_is_prompt_groups_without_replacement() -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [({"steps": 0}, "steps"), ({"responses_per_prompt": -1}, "responses_per_prompt"), ({"lr": 0.0}, "lr"),
+     ({"lr_schedule": "step"}, "lr_schedule"),
      ({"eval_lengths": ()}, "eval_lengths"), ({"train_jsonl": Path("/nonexistent.jsonl")}, "train_jsonl")],
 )  # fmt: skip
 def test_bad_input_names_the_field(models: dict[str, Path], tmp_path: Path, change: dict, field: str) -> None:
@@ -108,3 +111,14 @@ def test_compare_without_trl_says_how_to_get_it_before_any_work(tmp_path: Path, 
     assert out.returncode == 2, out.stderr
     assert "--methods: trl needs TRL 1.16.0" in out.stderr and "make .venv/.installed" in out.stderr
     assert not demo.exists() and not work.exists()
+
+
+def test_compare_gives_every_method_on_the_stack_the_same_budget(tmp_path: Path) -> None:
+    b = Budget(steps=40, lr=2e-4, lr_schedule="linear", seed=3)
+    specs = {name: RunSpec.model_validate(spec) for name, spec in stack_specs(tmp_path, tmp_path, b).items()}
+    budgets = {
+        (s.steps, s.seed, s.optimizer.lr, s.optimizer.schedule, s.sampling.prompts_per_step,
+         s.sampling.responses_per_prompt, s.sampling.max_new_tokens)
+        for s in specs.values()
+    }  # fmt: skip
+    assert budgets == {(40, 3, 2e-4, "linear", b.prompts_per_step, b.responses_per_prompt, b.max_new_tokens)}
