@@ -73,7 +73,7 @@ class Budget:
     max_new_tokens: int = answer_room(MAX_DIGITS)  # the longest answer, </s> and one correction
     lr: float = 5e-4  # at 1e-3 every method's accuracy swung by tens of points between checkpoints
     # held at 5e-4, each run ended wherever its last steps left it: a method's 8-digit accuracy
-    # spread 15-45 points over three seeds; decayed to 0, by 1-6 (README, the comparison)
+    # spread up to 43.5 points over three seeds; decayed to 0, by 1-6 (README, the comparison)
     lr_schedule: str = "cosine"
     curve_points: int = 6  # accuracy measured this many times along each run
     eval_count: int = 200  # held-out problems per length for the final table
