@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from contracts.runspec import LR_SCHEDULES, OptimizerSpec, lr_at
+from contracts.runspec import LR_SCHEDULES, OptimizerSpec
 from learner.checkpoint import complete_checkpoint_dirs
+from learner.train import set_lr
 from services.control import arithmetic_models as am
 from services.control.arithmetic import MAX_DIGITS, answer_room, read_dataset, write_dataset
 from services.control.client import ApiClient
@@ -212,8 +213,7 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(schedule, step - 1, b.steps)
+        set_lr(opt, schedule, step - 1, b.steps)
         opt.step()
         tokens += n
         wall += time.perf_counter() - started

@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from contracts import keys
 from contracts import runstate as rs
-from contracts.runspec import RunSpec, lr_at, on_policy_share
+from contracts.runspec import OptimizerSpec, RunSpec, lr_at, on_policy_share
 from contracts.schedules import ScheduleTimeline
 from learner import run_state, shared_prompt
 from learner.applied import AppliedIds
@@ -135,6 +135,15 @@ def make_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimiz
     # fused: one kernel for all the parameters, where the default runs ~10 ops per tensor; at the
     # demo student's size that is most of the step's optimizer time (benchmarks/bench_optimizer.py)
     return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, o: OptimizerSpec, done: int, steps: int) -> float:
+    """Set the rate of the step after ``done`` of ``steps`` (``o.schedule``) and return it; derived
+    from the step alone, so a resumed run needs no scheduler state."""
+    lr = lr_at(o, done, steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 class Learner:
@@ -285,9 +294,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         (out.loss * scale).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
-        lr = lr_at(self.spec.optimizer, self.step, self.spec.steps)  # from the step: a resume needs no state
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(self.optimizer, self.spec.optimizer, self.step, self.spec.steps)
         self.optimizer.step()
         metrics = {
             "loss": float(out.loss.detach()), "dense_kl": float(out.kl_mean), "sparse": float(out.sparse),
