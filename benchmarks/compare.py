@@ -76,6 +76,7 @@ class Budget:
     # held at 5e-4, each run ended wherever its last steps left it: a method's 8-digit accuracy
     # spread up to 43.5 points over three seeds; decayed to 0, by 1-6 (README, the comparison)
     lr_schedule: str = "cosine"
+    max_staleness: int = 1  # our stack's runs: policy versions a sample may lag (the run spec's default)
     curve_points: int = 6  # accuracy measured this many times along each run
     eval_count: int = 200  # held-out problems per length for the final table
     seed: int = 0
@@ -121,6 +122,7 @@ def stack_specs(student: Path, dataset: Path, b: Budget) -> dict[str, dict[str, 
     hybrid["optimizer"] = {"lr": b.lr, "schedule": b.lr_schedule}
     hybrid["checkpoint_interval"] = b.eval_every
     hybrid["seed"] = b.seed
+    hybrid["max_staleness"] = b.max_staleness
     half = {"kind": "constant", "value": 0.5}
     curriculum = {"start": 4, "step": 2, "gate": 0.3, "max": b.max_new_tokens}
     return {
@@ -342,9 +344,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=Budget.lr, help="every method's learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=Budget.lr_schedule,
                    help="every method's: held, or decayed to 0 at the last step")  # fmt: skip
+    p.add_argument("--max-staleness", type=int, default=Budget.max_staleness,
+                   help="our on-policy runs: 0 samples from the latest weights (no overlap)")  # fmt: skip
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; every method runs once per seed")
     a = p.parse_args()
+    if a.max_staleness < 0:
+        p.error(f"--max-staleness: 0 or more policy versions, got {a.max_staleness}")
     wants_trl = a.methods in ("core", "all") or "trl" in a.methods.split(",")
     if wants_trl and importlib.util.find_spec("trl") is None:  # fail now, not after the other methods
         p.error("--methods: trl needs TRL 1.16.0, a benchmark tool that `make demo` does not install; "
@@ -352,7 +358,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
-    specs = stack_specs(student_dir, train, Budget(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule))
+    specs = stack_specs(student_dir, train, _budget(a))
     chosen = {"core": list(ORDER), "all": list(ORDER) + [n for n in specs if n not in ORDER]}
     names = chosen.get(a.methods) or a.methods.split(",")
     unknown = [n for n in names if n not in (*OFFLINE, "trl", *specs)]
@@ -363,7 +369,7 @@ def main() -> None:
     runs: dict[str, list[Result]] = {name: [] for name in names}
     for seed in [int(x) for x in a.seeds.split(",")]:
         print(f"== seed {seed}", flush=True)
-        b = Budget(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, seed=seed)
+        b = _budget(a, seed)
         seed_specs = stack_specs(student_dir, train, b)
         for r in _run_all(names, seed_specs, teacher, teacher_dir, student_dir, train, a, b):
             runs[r.method].append(r)
@@ -372,6 +378,10 @@ def main() -> None:
     per_seed = {m: [asdict(r) for r in rs] for m, rs in runs.items()}
     (a.work_dir / "results.json").write_text(json.dumps(per_seed, indent=1))
     print(f"plot: {plot(runs, start, a.work_dir / 'compare.png')}")
+
+
+def _budget(a: argparse.Namespace, seed: int = 0) -> Budget:
+    return Budget(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, max_staleness=a.max_staleness, seed=seed)
 
 
 def _run_all(names: list[str], specs: dict[str, dict[str, Any]], teacher: Any, teacher_dir: Path,

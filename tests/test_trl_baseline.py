@@ -113,12 +113,22 @@ def test_compare_without_trl_says_how_to_get_it_before_any_work(tmp_path: Path, 
     assert not demo.exists() and not work.exists()
 
 
+def test_compare_refuses_a_negative_max_staleness_before_any_work(tmp_path: Path) -> None:
+    demo, work = tmp_path / "demo", tmp_path / "compare"
+    args = ["--demo-dir", str(demo), "--work-dir", str(work), "--max-staleness", "-1"]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.compare", *args], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 2 and "--max-staleness: 0 or more" in out.stderr, out.stderr
+    assert not demo.exists() and not work.exists()
+
+
 def test_compare_gives_every_method_on_the_stack_the_same_budget(tmp_path: Path) -> None:
-    b = Budget(steps=40, lr=2e-4, lr_schedule="linear", seed=3)
+    b = Budget(steps=40, lr=2e-4, lr_schedule="linear", max_staleness=0, seed=3)
     specs = {name: RunSpec.model_validate(spec) for name, spec in stack_specs(tmp_path, tmp_path, b).items()}
     budgets = {
-        (s.steps, s.seed, s.optimizer.lr, s.optimizer.schedule, s.sampling.prompts_per_step,
+        (s.steps, s.seed, s.optimizer.lr, s.optimizer.schedule, s.max_staleness, s.sampling.prompts_per_step,
          s.sampling.responses_per_prompt, s.sampling.max_new_tokens)
         for s in specs.values()
     }  # fmt: skip
-    assert budgets == {(40, 3, 2e-4, "linear", b.prompts_per_step, b.responses_per_prompt, b.max_new_tokens)}
+    sampling = (b.prompts_per_step, b.responses_per_prompt, b.max_new_tokens)
+    assert budgets == {(40, 3, 2e-4, "linear", 0, *sampling)}
