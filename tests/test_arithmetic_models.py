@@ -41,6 +41,16 @@ def test_corrected_rows_show_a_mistake_without_teaching_it() -> None:
     assert lengths == {2, 5, 9}  # every length of the batch's choice, in one batch
 
 
+def test_near_miss_mistakes_are_one_off_the_right_digit() -> None:
+    ids, labels = am._batch((8,), 64, random.Random(2), corrected=1.0, near_miss=1.0)
+    offsets = set()
+    for answer, _ in _answers(ids, labels):
+        words = answer.split()
+        wrong = words.index(ERASE) - 1
+        offsets.add((int(words[wrong]) - int(words[wrong + 2])) % 10)  # the wrong digit, "<", the right one
+    assert offsets == {1, 9}  # one above and one below (mod 10), nothing further off
+
+
 def test_clean_rows_teach_the_whole_answer() -> None:
     ids, labels = am._batch((3,), 16, random.Random(1), corrected=0.0)
     for answer, taught in _answers(ids, labels):
