@@ -13,7 +13,8 @@ sampled sequences (the table prints the tokens each actually used).
 - ``full_traj``: γ=1 plus the reward, the exact gradient of eq. 3 (Theorem 1).
 - ``pure_rl``: the reward alone, no teacher.
 - ``trl``: TRL's ``DistillationTrainer`` (on-policy, reverse KL), ``benchmarks.trl_baseline``.
-- with ``--methods all``, the run options of issue 9 on top of ``hybrid`` (rows named after the option).
+- with ``--methods all``, the run options of issue 9 on top of ``hybrid`` (rows named after the
+  option), and GKD's forward KL and JSD (β = 0.5) in place of its reverse KL (seed 002 ch. 3).
 
 Our on-policy methods run through the real local stack (embedded Redis, teacher and reward
 services, control plane, one learner and one rollout worker), one run after another; their wall
@@ -67,14 +68,14 @@ TERMINAL = ("succeeded", "failed", "stopped")
 @dataclass
 class Budget:
     # At 150 steps off-policy led at 8 digits: SFT on the teacher's answers goes on with the warm-up
-    # and learns fastest. By 600 on-policy has caught up and gone past (README, the comparison).
+    # and learns fastest. By 600 on-policy has caught up (the README's comparison; HISTORY.md).
     steps: int = 600
     prompts_per_step: int = 8
     responses_per_prompt: int = 4
     max_new_tokens: int = answer_room(MAX_DIGITS)  # the longest answer, </s> and one correction
     lr: float = 5e-4  # at 1e-3 every method's accuracy swung by tens of points between checkpoints
     # held at 5e-4, each run ended wherever its last steps left it: a method's 8-digit accuracy
-    # spread up to 43.5 points over three seeds; decayed to 0, by 1-6 (README, the comparison)
+    # spread up to 43.5 points over three seeds; decayed to 0, by 1-6 (HISTORY.md)
     lr_schedule: str = "cosine"
     max_staleness: int = 1  # our stack's runs: policy versions a sample may lag (the run spec's default)
     curve_points: int = 6  # accuracy measured this many times along each run
@@ -133,6 +134,8 @@ def stack_specs(student: Path, dataset: Path, b: Budget) -> dict[str, dict[str, 
         # issue 9's options, each on top of hybrid
         "+prefix_mix": _spec(hybrid, sampling__on_policy_fraction=half),
         "+kl_mix": _spec(hybrid, objective__divergence="kl_mix"),
+        "+forward_kl": _spec(hybrid, objective__divergence="forward_kl"),
+        "+jsd": _spec(hybrid, objective__divergence="jsd"),
         "+token_importance": _spec(hybrid, objective__token_importance="weight"),
         "+selectkd": _spec(hybrid, objective__selective="spec_k"),
         "+flawed_reject": _spec(hybrid, sampling__max_perplexity=2.0),
