@@ -321,10 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # 95.5% was 92.0-97.5% per length on the demo's larger table; 97% leaves that margin. Repairs
         # bind as well: on-policy students learn the teacher's distribution on their own mistakes, and
         # a teacher stopped at 97% with 33% repaired (a 2 GHz Zen 1, once past a time budget) was no
-        # expert there; its off-policy students beat the on-policy ones (README, comparison). Half
+        # expert there; its off-policy students beat the on-policy ones (benchmarks/HISTORY.md). Half
         # the mistakes one off: students are wrong by one far more often than by more, and a teacher
-        # shown uniform mistakes repaired 88% of those (99.5% of the others) and put 24% on "<" after
-        # a 7 where 8 + 9 + a carry makes 8, the students' commonest mistake (76% with near_miss)
+        # shown uniform mistakes repaired 83% of those (99% of the others; 96% and 99.8% with
+        # near_miss) and put 25% on "<" after a 7 where 8 + 9 + a carry makes 8, the students'
+        # commonest mistake (86% with near_miss; 8-digit answers, Intel Xeon)
         cfg = TrainConfig(lengths, a.steps or 4000, a.target or 0.97, corrected=0.5, near_miss=0.5,
                           repair_target=0.95, limit_s=a.limit_s)
         build(a.dir, TEACHER, cfg, "teacher")
