@@ -8,6 +8,9 @@ sampled sequences (the table prints the tokens each actually used).
 - ``seq_kd``: off-policy sequence KD, SFT on teacher samples (Kim & Rush; seed 002 ch. 2).
 - ``token_kd``: off-policy token-level KD, forward KL to the teacher's full distribution on
   teacher samples.
+- ``token_rkl``: reverse KL to the teacher's full distribution on teacher samples: dense's
+  objective on the teacher's prefixes instead of the student's, so the two rows differ only in
+  whose samples they learn on.
 - ``dense``: on-policy KD, γ=0 and no reward (seed 000, table 5.5).
 - ``hybrid``: γ=0 plus the exact-answer reward through the sparse term (the demo's run).
 - ``full_traj``: γ=1 plus the reward, the exact gradient of eq. 3 (Theorem 1).
@@ -23,14 +26,15 @@ as TRL's excludes loading the models and building its trainer; the rollout worke
 (loading the student, checking the teacher's tokenizer) falls inside it. The off-policy ones and
 TRL run in this process.
 Held-out greedy exact match is measured on checkpoints along the way (the PNG) and at the end
-(the table, short = 2-digit and long = 8-digit operands), with the mean number of wrong digits of
-a long answer (the "total error" that DAgger bounds, seed 002 ch. 2); KL is the mean per-token
+(the table, short = 2-digit and long = 8-digit operands), with exact match of the student's
+temperature-1 samples at the long length (4 per problem), the mean number of wrong digits of
+a long greedy answer (the "total error" that DAgger bounds, seed 002 ch. 2); KL is the mean per-token
 KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every method runs
 once per seed (sampling, prompt order); the table gives means, accuracy ± its std over seeds.
 "Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
 by the teacher (off-policy, whose wall time includes that sampling).
 
-    .venv/bin/python -m benchmarks.compare                  # the seven above x 3 seeds (~15 min, 2 cores)
+    .venv/bin/python -m benchmarks.compare                  # the eight above x 3 seeds (~15 min, 2 cores)
     .venv/bin/python -m benchmarks.compare --methods all    # ... and issue 9's options on top of hybrid
     .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50 --seeds 0
 """
@@ -96,6 +100,7 @@ class Result:
     wall_s: float
     student_tokens: int
     curve: list[tuple[int, float]] = field(default_factory=list)
+    sampled: dict[int, float] = field(default_factory=dict)  # exact match at temperature 1
 
 
 # -- the methods -----------------------------------------------------------------------------------
@@ -144,8 +149,8 @@ def stack_specs(student: Path, dataset: Path, b: Budget) -> dict[str, dict[str, 
     }
 
 
-OFFLINE = ("seq_kd", "token_kd")
-ORDER = ("seq_kd", "token_kd", "dense", "hybrid", "full_traj", "pure_rl", "trl")
+OFFLINE = ("seq_kd", "token_kd", "token_rkl")
+ORDER = ("seq_kd", "token_kd", "token_rkl", "dense", "hybrid", "full_traj", "pure_rl", "trl")
 
 
 # -- measuring a student ---------------------------------------------------------------------------
@@ -159,7 +164,8 @@ def finish(method: str, model: Any, teacher: Any, b: Budget, wall_s: float, toke
            curve: list[tuple[int, float]]) -> Result:  # fmt: skip
     acc, wrong = am.grade(model, EVAL_LENGTHS, b.eval_count)
     kl = am.kl_to_teacher(model, teacher, EVAL_LENGTHS)
-    return Result(method, acc, wrong[LONG], kl, wall_s, tokens, curve)
+    sampled = am.sampled_exact_match(model, EVAL_LENGTHS, b.eval_count)
+    return Result(method, acc, wrong[LONG], kl, wall_s, tokens, curve, sampled)
 
 
 # -- off-policy KD, in this process ----------------------------------------------------------------
@@ -186,7 +192,8 @@ def _teacher_batches(teacher: Any, prompts: list[str], b: Budget) -> Iterator[tu
 def offline_loss(
     kind: str, student: Any, teacher: Any, rows: torch.Tensor, prompt_len: int
 ) -> tuple[torch.Tensor, int]:
-    """Mean over response tokens of the SFT loss (seq_kd) or forward KL to the teacher (token_kd)."""
+    """Mean over response tokens of the SFT loss (seq_kd), or of the forward (token_kd) or reverse
+    (token_rkl) KL to the teacher's full distribution."""
     valid = rows >= 0
     ids = rows.clamp(min=0)
     target = valid[:, 1:].clone()
@@ -198,7 +205,8 @@ def offline_loss(
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=valid.long()).logits[:, :-1].float()
         t_lp = torch.log_softmax(t_logits, -1)
-        per_token = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+        p_lp, q_lp = (t_lp, s_lp) if kind == "token_kd" else (s_lp, t_lp)
+        per_token = (p_lp.exp() * (p_lp - q_lp)).sum(-1)
     n = int(target.sum())
     return per_token[target].sum() / max(n, 1), n
 
@@ -281,18 +289,20 @@ def table(runs: dict[str, list[Result]]) -> str:
     """One row per method: means over the seeds (accuracy ± std), and tokens/s as a ratio to TRL's
     measured in the same process (the baseline; "-" when TRL did not run)."""
     head = (f"| method | exact match {SHORT}-digit | exact match {LONG}-digit "
-            f"| wrong digits per {LONG}-digit answer | KL to teacher | wall s | student tokens "
-            "| tokens/s | tokens/s vs trl |")  # fmt: skip
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"| {LONG}-digit sampled at T=1 | wrong digits per {LONG}-digit answer | KL to teacher "
+            "| wall s | student tokens | tokens/s | tokens/s vs trl |")  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     baseline = _speed(runs["trl"]) if runs.get("trl") else None
     for method, rs in runs.items():
         wall, tokens = sum(r.wall_s for r in rs), sum(r.student_tokens for r in rs)
         short, long = _spread([r.accuracy[SHORT] for r in rs]), _spread([r.accuracy[LONG] for r in rs])
         ratio = f"{_speed(rs) / baseline:.2f}x" if baseline else "-"
+        sampled = _spread([r.sampled[LONG] for r in rs])
         wrong = _spread([r.wrong_digits for r in rs], "{:.3f}")
         lines.append(
-            f"| {method} | {short} | {long} | {wrong} | {statistics.fmean(r.kl for r in rs):.4f} "
-            f"| {wall / len(rs):.1f} | {tokens // len(rs)} | {_speed(rs):.0f} | {ratio} |"
+            f"| {method} | {short} | {long} | {sampled} | {wrong} "
+            f"| {statistics.fmean(r.kl for r in rs):.4f} | {wall / len(rs):.1f} | {tokens // len(rs)} "
+            f"| {_speed(rs):.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -335,14 +345,15 @@ def run_trl_method(teacher_dir: Path, student_dir: Path, train: Path, work: Path
     accuracy = {int(k): float(v) for k, v in out["accuracy"].items()}
     curve = [(int(s), float(a)) for s, a in out["curve"]]
     wrong, kl, wall = float(out["wrong_digits"][LONG]), float(out["kl"]), float(out["wall_s"])
-    return Result("trl", accuracy, wrong, kl, wall, int(out["student_tokens"]), curve)
+    sampled = {int(k): float(v) for k, v in out["sampled"].items()}
+    return Result("trl", accuracy, wrong, kl, wall, int(out["student_tokens"]), curve, sampled)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", type=Path, default=Path("runs/compare"))
     p.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's cached models")
-    p.add_argument("--methods", default="core", help="comma-separated names, core (issue 8's seven) or all")
+    p.add_argument("--methods", default="core", help="comma-separated names, core (the eight above) or all")
     p.add_argument("--steps", type=int, default=Budget.steps)
     p.add_argument("--lr", type=float, default=Budget.lr, help="every method's learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=Budget.lr_schedule,

@@ -33,7 +33,14 @@ from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from contracts.runspec import LR_SCHEDULES
 from services.control.arithmetic import read_dataset
-from services.control.arithmetic_models import encode_prompt, evaluate, grade, kl_to_teacher, load
+from services.control.arithmetic_models import (
+    encode_prompt,
+    evaluate,
+    grade,
+    kl_to_teacher,
+    load,
+    sampled_exact_match,
+)
 
 _OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -230,12 +237,14 @@ def run_trl(teacher_dir: Path, student_dir: Path, train_jsonl: Path, out_dir: Pa
     trained.eval()
     accuracy, wrong = grade(trained, eval_lengths, count=final_count)
     kl = kl_to_teacher(trained, teacher, eval_lengths, count=kl_count)
+    sampled = sampled_exact_match(trained, eval_lengths, count=final_count)
     trained.save_pretrained(out_dir / "trl" / "student")
     tokenizer.save_pretrained(out_dir / "trl" / "student")
     tokens = trainer.student_tokens
     return {
         "accuracy": accuracy,
         "wrong_digits": wrong,
+        "sampled": sampled,
         "curve": curve.points,
         "kl": kl,
         "wall_s": wall_s,

@@ -120,3 +120,30 @@ def test_training_stops_once_both_targets_are_met_or_steps_or_time_run_out(
     assert ("repairs" in out) == (repair_target > 0)
     assert ("stopped by its 0 s limit below its targets" in out) == (limit_s == 0.0)
     assert ("stopped by its 6 steps below its targets" in out) == (checked == [2, 4, 6])
+
+
+class _Scripted:
+    """A model whose sampled responses are given, one per row of the batch it is asked for: the
+    generation itself is transformers' (tested there); what is tested here is the grading."""
+
+    def __init__(self, responses: list[str]) -> None:
+        self.responses = responses
+
+    def eval(self) -> _Scripted:
+        return self
+
+    def generate(self, input_ids: torch.Tensor, **kw: object) -> torch.Tensor:
+        assert kw["do_sample"] is True and kw["top_k"] == 0 and len(self.responses) == len(input_ids)
+        room = int(kw["max_new_tokens"])  # type: ignore[call-overload]
+        rows = [(am.encode(r) + [am.EOS] + [am.PAD] * room)[:room] for r in self.responses]
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_sampled_exact_match_grades_every_sample_after_its_erasures() -> None:
+    """Each problem's samples are graded against that problem's answer, a repaired answer counts, and
+    the share is over all samples."""
+    first, second = (p.answer for p in am.problems(2, "test", 2, seed=0))
+    wrong = str((int(first.split()[0]) + 1) % 10)
+    responses = [first, f"{wrong} {ERASE} {first}", second, first]  # samples 0-1 of problem 0, 2-3 of 1
+    got = am.sampled_exact_match(_Scripted(responses), [2], count=2, samples=2)  # type: ignore[arg-type]
+    assert got == {2: 0.75}

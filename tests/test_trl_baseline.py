@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.compare import Budget, stack_specs
+from benchmarks.compare import Budget, offline_loss, stack_specs
 from benchmarks.trl_baseline import run_trl, step_schedule
 from contracts.runspec import RunSpec
 from services.control.arithmetic import WORDS, answer_room, write_dataset
@@ -19,7 +19,7 @@ from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 # TRL 1.16 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates
 TRL_DEPRECATION = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
-KEYS = {"accuracy", "wrong_digits", "curve", "kl", "wall_s", "student_tokens", "tokens_per_s"}
+KEYS = {"accuracy", "wrong_digits", "sampled", "curve", "kl", "wall_s", "student_tokens", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_two_steps_train_the_student_and_count_its_tokens(models: dict[str, Path
         seed=0, eval_count=4, final_count=4, kl_count=4,
     )  # fmt: skip
     assert result.keys() >= KEYS
-    assert set(result["accuracy"]) == {1, 2} and all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+    for key in ("accuracy", "sampled"):
+        assert set(result[key]) == {1, 2} and all(0.0 <= a <= 1.0 for a in result[key].values())
     # an n-digit problem's answer has n + 1 digits; a greedy answer is cut at answer_room(n) tokens
     assert all(0.0 <= result["wrong_digits"][n] <= answer_room(n) for n in (1, 2))
     assert [step for step, _ in result["curve"]] == [0, 1, 2]
@@ -132,3 +133,22 @@ def test_compare_gives_every_method_on_the_stack_the_same_budget(tmp_path: Path)
     }  # fmt: skip
     sampling = (b.prompts_per_step, b.responses_per_prompt, b.max_new_tokens)
     assert budgets == {(40, 3, 2e-4, "linear", 0, *sampling)}
+
+
+@pytest.mark.parametrize("kind", ["seq_kd", "token_kd", "token_rkl"])
+def test_offline_losses_match_a_float64_reference(models: dict[str, Path], kind: str) -> None:
+    """compare's off-policy losses, averaged over response tokens only (prompt and -1 padding carry
+    none): SFT on the sampled token, forward KL(teacher ‖ student) or reverse KL(student ‖ teacher)."""
+    teacher, student = load(models["teacher"]), load(models["student"])
+    rows = torch.tensor([[2, 5, 6, 7, 8, 9], [2, 5, 6, 10, -1, -1]])  # prompt of 3, responses of 3 and 1
+    loss, n = offline_loss(kind, student, teacher, rows, prompt_len=3)
+    ids = rows.clamp(min=0)
+    s = torch.log_softmax(student(ids).logits.double(), -1)
+    t = torch.log_softmax(teacher(ids).logits.double(), -1)
+    want = []
+    for r, pos in [(0, 2), (0, 3), (0, 4), (1, 2)]:  # positions predicting a response token
+        sp, tp = s[r, pos], t[r, pos]
+        want.append({"seq_kd": -sp[ids[r, pos + 1]], "token_kd": (tp.exp() * (tp - sp)).sum(),
+                     "token_rkl": (sp.exp() * (sp - tp)).sum()}[kind])  # fmt: skip
+    assert n == 4
+    assert loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)  # float32 logits

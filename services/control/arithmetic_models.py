@@ -178,12 +178,17 @@ def greedy_answers(model: PreTrainedModel, prompts: Sequence[str], digits: int) 
         input_ids=ids, attention_mask=(ids != PAD).long(), do_sample=False,
         max_new_tokens=answer_room(digits), pad_token_id=PAD, eos_token_id=EOS,
     )  # fmt: skip
+    return _texts(out[:, width:])
+
+
+def _texts(responses: torch.Tensor) -> list[str]:
+    """Generated rows as text: the words before the first ``</s>``."""
     words = {i: w for w, i in _ID.items()}
-    answers = []
-    for row in out[:, width:].tolist():
+    out = []
+    for row in responses.tolist():
         row = row[: row.index(EOS)] if EOS in row else row
-        answers.append(" ".join(words.get(t, "?") for t in row))
-    return answers
+        out.append(" ".join(words.get(t, "?") for t in row))
+    return out
 
 
 def forced_mistakes(digits: int, count: int, seed: int = 0) -> list[tuple[Problem, str]]:
@@ -220,6 +225,29 @@ def grade(
         exact[n] = sum(g == p.answer for g, p in zip(got, rows, strict=True)) / len(rows)
         wrong[n] = sum(digit_errors(g, p.answer) for g, p in zip(got, rows, strict=True)) / len(rows)
     return exact, wrong
+
+
+@torch.no_grad()
+def sampled_exact_match(
+    model: PreTrainedModel, lengths: Sequence[int], count: int = 200, samples: int = 4, seed: int = 0
+) -> dict[int, float]:
+    """Held-out exact match of ``samples`` temperature-1 answers per problem, erasures applied: how
+    often the policy itself, which on-policy methods sample and train, gets a problem right. Greedy
+    decoding hides the mass a student leaves on wrong digits; sampled answers pay for it at every
+    digit, so more the longer the answer."""
+    model.eval()
+    torch.manual_seed(seed)
+    exact = {}
+    for n in lengths:
+        rows = list(problems(n, "test", count, seed))
+        ids = torch.tensor([encode_prompt(p.prompt) for p in rows]).repeat_interleave(samples, 0)
+        out = model.generate(  # type: ignore[operator]
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+            max_new_tokens=answer_room(n), pad_token_id=PAD, eos_token_id=EOS,
+        )  # fmt: skip
+        got = [answer_of(text) for text in _texts(out[:, ids.shape[1] :])]
+        exact[n] = sum(g == rows[i // samples].answer for i, g in enumerate(got)) / len(got)
+    return exact
 
 
 def evaluate(
