@@ -34,7 +34,7 @@ once per seed (sampling, prompt order); the table gives means, accuracy ± its s
 "Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
 by the teacher (off-policy, whose wall time includes that sampling).
 
-    .venv/bin/python -m benchmarks.compare                  # the eight above x 3 seeds (~15 min, 2 cores)
+    .venv/bin/python -m benchmarks.compare                  # the eight above x 3 seeds (~20 min, 2 cores)
     .venv/bin/python -m benchmarks.compare --methods all    # ... and issue 9's options on top of hybrid
     .venv/bin/python -m benchmarks.compare --methods hybrid,trl --steps 50 --seeds 0
 """
