@@ -10,7 +10,8 @@ sampled sequences (the table prints the tokens each actually used).
   teacher samples.
 - ``token_rkl``: reverse KL to the teacher's full distribution on teacher samples: dense's
   objective on the teacher's prefixes instead of the student's, so the two rows differ only in
-  whose samples they learn on.
+  whose samples they learn on (seed 003's prefix source × KL direction; ``+forward_kl`` is the
+  fourth pairing, on-policy forward KL).
 - ``dense``: on-policy KD, γ=0 and no reward (seed 000, table 5.5).
 - ``hybrid``: γ=0 plus the exact-answer reward through the sparse term (the demo's run).
 - ``full_traj``: γ=1 plus the reward, the exact gradient of eq. 3 (Theorem 1).
