@@ -36,7 +36,7 @@ class DemoConfig:
     steps: int = 600
     api_port: int = 8000
     # the teacher trains until it gets 97% of held-out problems right and repairs 95% of forced mistakes
-    # (3,500 steps, 154-247 s on 2-core Intel Xeons with AVX-512); slower CPUs take longer, since a
+    # (3,500 steps, 154-353 s on 2-core Intel Xeons with AVX-512); slower CPUs take longer, since a
     # teacher that is wrong, or no expert on a student's mistakes, makes the rest of the demo moot
     teacher_steps: int = 4000  # a cap
     student_warmup_steps: int = 4000  # a cap: the warm-up stops at 20% held-out exact match
