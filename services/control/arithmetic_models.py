@@ -234,7 +234,7 @@ def sampled_exact_match(
     """Held-out exact match of ``samples`` temperature-1 answers per problem, erasures applied: how
     often the policy itself, which on-policy methods sample and train, gets a problem right. Greedy
     decoding hides the mass a student leaves on wrong digits; sampled answers pay for it at every
-    digit, so more the longer the answer."""
+    digit, the more the longer the answer."""
     model.eval()
     torch.manual_seed(seed)
     exact = {}
