@@ -30,8 +30,9 @@ Held-out greedy exact match is measured on checkpoints along the way (the PNG) a
 (the table, short = 2-digit and long = 8-digit operands), with exact match of the student's
 temperature-1 samples at the long length (4 per problem) and the mean number of wrong digits of a
 long greedy answer (the "total error" that DAgger bounds, seed 002 ch. 2); KL is the mean
-per-token KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every method runs
-once per seed (sampling, prompt order); the table gives means, accuracy ± its std over seeds.
+per-token KL(student ‖ teacher) on the final student's own samples of held-out prompts. Every
+method runs once per seed (sampling, prompt order); the table gives means, accuracy ± its std
+over seeds.
 "Student tokens" are the response tokens trained on: sampled by the student (on-policy, TRL) or
 by the teacher (off-policy, whose wall time includes that sampling).
 

@@ -227,6 +227,15 @@ def grade(
     return exact, wrong
 
 
+def _sample(model: PreTrainedModel, ids: torch.Tensor, digits: int) -> torch.Tensor:
+    """Temperature-1 continuations of equal-length prompts ``ids``, from the model's own
+    distribution (no top-k or top-p), prompts included."""
+    return model.generate(  # type: ignore[operator]
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+        max_new_tokens=answer_room(digits), pad_token_id=PAD, eos_token_id=EOS,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def sampled_exact_match(
     model: PreTrainedModel, lengths: Sequence[int], count: int = 200, samples: int = 4, seed: int = 0
@@ -241,11 +250,7 @@ def sampled_exact_match(
     for n in lengths:
         rows = list(problems(n, "test", count, seed))
         ids = torch.tensor([encode_prompt(p.prompt) for p in rows]).repeat_interleave(samples, 0)
-        out = model.generate(  # type: ignore[operator]
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-            max_new_tokens=answer_room(n), pad_token_id=PAD, eos_token_id=EOS,
-        )  # fmt: skip
-        got = [answer_of(text) for text in _texts(out[:, ids.shape[1] :])]
+        got = [answer_of(text) for text in _texts(_sample(model, ids, n)[:, ids.shape[1] :])]
         exact[n] = sum(g == rows[i // samples].answer for i, g in enumerate(got)) / len(got)
     return exact
 
@@ -267,11 +272,7 @@ def kl_to_teacher(student: PreTrainedModel, teacher: PreTrainedModel, lengths: S
     total, tokens = 0.0, 0
     for n in lengths:
         ids = torch.tensor([encode_prompt(p.prompt) for p in problems(n, "test", count, seed)])
-        out = student.generate(  # type: ignore[operator]
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-            max_new_tokens=answer_room(n), pad_token_id=PAD, eos_token_id=EOS,
-        )  # fmt: skip
-        seq, start = out, ids.shape[1]
+        seq, start = _sample(student, ids, n), ids.shape[1]
         resp = seq[:, start:]
         # positions up to and including the first </s> count; later ones are padding
         after_eos = (resp == EOS).long().cumsum(1) - (resp == EOS).long()
