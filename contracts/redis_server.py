@@ -27,6 +27,8 @@ import redis.asyncio.retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from contracts.die_with_parent import command as tied_to_parent
+
 logger = logging.getLogger(__name__)
 
 AppendFsync = Literal["always", "everysec", "no"]
@@ -80,6 +82,7 @@ class EmbeddedRedis:
         appendonly: bool = True,
         appendfsync: AppendFsync = "everysec",
         binary: Path | None = None,
+        die_with_parent: bool = False,  # SIGTERM when this process dies (contracts.die_with_parent)
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync: {appendfsync!r} is not one of always, everysec, no")
@@ -88,6 +91,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.binary = binary or find_redis_server()
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -119,9 +123,10 @@ class EmbeddedRedis:
         attempts = 1 if self.port is not None else 3
         for attempt in range(attempts):
             port = self.port if self.port is not None else _free_port()
-            self._proc = subprocess.Popen(
-                self._args(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            argv = self._args(port)
+            if self.die_with_parent:
+                argv = tied_to_parent(argv)
+            self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.port = port
             try:
                 self._wait_ping(timeout)

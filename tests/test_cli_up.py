@@ -88,3 +88,39 @@ def test_distill_up_then_teachers_add_run_and_plot(tmp_path: Path) -> None:
         up.communicate(timeout=90)  # drains and closes its stdout
     assert up.returncode == 0
     assert not _children(work), "every child of `distill up` stopped"
+
+
+def _redis(work: Path) -> list[int]:
+    """Live processes working in ``work``/redis: the stack's redis-server, which changes to its
+    data directory (and rewrites its command line, so that cannot tell)."""
+    data = str((work / "redis").resolve())
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == data:
+                found.append(int(cwd.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_killing_distill_up_stops_every_child_it_started(tmp_path: Path) -> None:
+    """SIGKILL gives `distill up` no chance to stop its children: each gets SIGTERM from the kernel
+    (contracts.die_with_parent), so none is left holding its port."""
+    teacher = build_tiny_model(tmp_path / "teacher", TinySpec(vocab_size=VOCAB, hidden_size=32, seed=1))
+    work, port = tmp_path / "stack", free_port()
+    up = subprocess.Popen(
+        [DISTILL, "up", "--teacher", f"t0={teacher}", "--work-dir", str(work), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _read_until(up, r"Ctrl-C stops everything", 240)
+        started = _children(work)
+        assert len(started) >= 5 and _redis(work), "teacher, reward, control, learner, worker and Redis"
+    finally:
+        up.kill()
+        up.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while (_children(work) or _redis(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _children(work) and not _redis(work), "a child outlived `distill up`"

@@ -3,8 +3,9 @@
 Starts, in order, an embedded redis-server, the teacher service(s), the reward service, the
 control plane, a learner and rollout worker(s), each waiting for the previous to be healthy;
 logs go to ``WORK_DIR/logs/NAME.log``. ``stop`` sends SIGTERM in reverse order (the learner
-finishes its step and checkpoints) and kills what outlives the grace period. Nothing here
-imports torch: the model work happens in the children.
+finishes its step and checkpoints) and kills what outlives the grace period; a parent killed
+before it can stop them takes every child down with it (``contracts.die_with_parent``), so start
+the stack from the main thread. Nothing here imports torch: the model work happens in the children.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from contracts import die_with_parent
 from contracts.redis_server import EmbeddedRedis
 from services.rpc.healthcheck import check
 
@@ -90,7 +92,7 @@ class LocalStack:
             # Own session: a Ctrl-C in the terminal reaches only `distill up`, which then stops the
             # children in order. DISTILL_STACK_DIR marks them as this stack's processes.
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                die_with_parent.command([sys.executable, "-m", module, *args]),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, **(env or {}), "DISTILL_STACK_DIR": str(self.cfg.work_dir.resolve())},
             )  # fmt: skip
@@ -124,7 +126,7 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         work = self.cfg.work_dir
-        self.redis = EmbeddedRedis(work / "redis").start()
+        self.redis = EmbeddedRedis(work / "redis", die_with_parent=True).start()
         threads = self._torch_threads()
         env = {"REDIS_URL": self.redis.url, **threads}
         for name, model in self.cfg.teachers.items():
