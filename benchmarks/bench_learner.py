@@ -11,7 +11,7 @@ the teacher's own top-k, float16 on the wire, one reward). Then, on the same dec
   + Redis every step, checkpoint + ack + trim every ``checkpoint_interval`` steps, metrics stream),
   once with a checkpoint interval larger than the run and once with a small one;
 - **bare**: ``pack_sequences`` → student forward (each prompt once, as the learner computes a
-  Llama student: ``learner.shared_prompt``) → ``objective_batch`` → ``objective_loss`` → backward
+  Llama student: ``services.rollout.shared_prompt``) → ``objective_batch`` → ``objective_loss`` → backward
   → clip → optimizer step, no Redis, no checkpoint, no weight publication.
 
 The Learner's methods are wrapped on the instance (instrumentation only; the code that runs is the
@@ -58,11 +58,12 @@ from contracts import runstate as rs
 from contracts.redis_server import EmbeddedRedis, make_async_client, make_client
 from contracts.rollout_record import DecodedRollout, Reward, TeacherArrays, build_rollout, decode_rollout
 from contracts.runspec import RunSpec
-from learner import run_state, shared_prompt
+from learner import run_state
 from learner.batching import objective_batch, pack_sequences, rewards_matrix
 from learner.objective import objective_loss
 from learner.train import Learner, LearnerConfig, make_optimizer, objective_config
 from proto.distill.v1 import reward_pb2, rollout_pb2
+from services.rollout import shared_prompt
 from services.rollout.queue import ProducerConfig, PromptLease, RolloutProducer
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
@@ -259,7 +260,7 @@ def run_bare(args: argparse.Namespace, spec: RunSpec, batches: Batches) -> list[
         t0 = time.perf_counter()
         rewards, _ = rewards_matrix(rollouts, names, [None] * len(names))
         packed = pack_sequences(rollouts)
-        logits = shared_prompt.response_logits(model, packed).float()
+        logits = shared_prompt.response_logits(model, packed.input_ids, packed.starts, packed.lengths).float()
         batch = objective_batch(logits, packed, rollouts, teachers, spec.objective.support, rewards)
         out = objective_loss(ocfg, batch, [timelines[n].at(step) for n in names])
         optimizer.zero_grad(set_to_none=True)

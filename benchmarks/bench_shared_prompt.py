@@ -1,12 +1,13 @@
-"""The learner's forward + backward: each prompt once (learner.shared_prompt) against the model's
-own forward pass over prompt + response rows, measured in the same run.
+"""Each prompt once (services.rollout.shared_prompt) against the model's own forward pass over
+prompt + response rows, measured in the same run: the learner's forward + backward, and the
+teacher's forward alone (inference mode, as the hf backend scores).
 
 Builds a random Llama offline (no hub) and packs a step's rows as the learner does:
 ``--prompts`` prompts of ``--prompt-len`` tokens, ``--k`` responses to each of random lengths in
-[1, ``--max-response``]. Times forward, a loss over the response logits, and backward, the two
-ways interleaved, and prints the median of each and their ratio. The defaults are the demo's
-student and batch (4 layers × 48, 8 prompts of 18 tokens, 4 responses of up to 12; 1024 ids
-instead of its 18).
+[1, ``--max-response``]. Times forward, a loss over the response logits, and backward (and the
+forward alone), the two ways interleaved, and prints the median of each and their ratio. The
+defaults are the demo's student and batch (4 layers × 48, 8 prompts of 18 tokens, 4 responses
+of up to 12; 1024 ids instead of its 18).
 
 Run: ``python -m benchmarks.bench_shared_prompt [--hidden 256 --prompt-len 128 --max-response 256]``.
 """
@@ -25,8 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from contracts.rollout_record import DecodedRollout
-from learner import shared_prompt
 from learner.batching import Packed, pack_sequences, response_logits
+from services.rollout import shared_prompt
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
 
@@ -47,15 +48,22 @@ def _rows(a: argparse.Namespace, vocab: int) -> list[DecodedRollout]:
     return rows
 
 
+def _logits(model: PreTrainedModel, packed: Packed, shared: bool) -> torch.Tensor:
+    if shared:
+        return shared_prompt.response_logits(model, packed.input_ids, packed.starts, packed.lengths)
+    out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+    return response_logits(out, packed)
+
+
 def _step(model: PreTrainedModel, packed: Packed, shared: bool) -> None:
     model.zero_grad(set_to_none=True)
-    if shared:
-        logits = shared_prompt.response_logits(model, packed)
-    else:
-        out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-        logits = response_logits(out, packed)
     mask = torch.arange(packed.width)[None, :] < packed.lengths[:, None]
-    logits.float().log_softmax(-1)[mask].mean().backward()
+    _logits(model, packed, shared).float().log_softmax(-1)[mask].mean().backward()
+
+
+@torch.inference_mode()
+def _score(model: PreTrainedModel, packed: Packed, shared: bool) -> None:
+    _logits(model, packed, shared).float().log_softmax(-1)
 
 
 def _median_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -84,19 +92,18 @@ def main() -> None:
         )
         model = AutoModelForCausalLM.from_pretrained(build_tiny_model(Path(tmp) / "m", spec)).train()
     packed = pack_sequences(_rows(a, 1024))
-    fns = {
-        "model's forward": lambda: _step(model, packed, False),
-        "shared prompt": lambda: _step(model, packed, True),
-    }
-    _median_ms(fns, 5)  # warm-up
-    ms = _median_ms(fns, a.repeats)
     tokens = int(packed.attention_mask.sum())
     print(f"{a.prompts} prompts x {a.k} responses, {tokens} tokens, hidden {a.hidden} x {a.layers} layers, "
           f"torch threads {torch.get_num_threads()}, median of {a.repeats}")  # fmt: skip
-    for name, t in ms.items():
-        print(f"  {name:<16} forward + backward {t:7.2f} ms")
-    ratio = ms["shared prompt"] / ms["model's forward"]
-    print(f"  shared prompt / model's forward: {ratio:.2f}x the time")
+    for what, run in (("forward + backward (learner)", _step), ("forward, inference (teacher)", _score)):
+        fns = {name: (lambda run=run, shared=shared: run(model, packed, shared))
+               for name, shared in (("model's forward", False), ("shared prompt", True))}  # fmt: skip
+        _median_ms(fns, 5)  # warm-up
+        ms = _median_ms(fns, a.repeats)
+        for name, t in ms.items():
+            print(f"  {what}: {name:<16} {t:7.2f} ms")
+        ratio = ms["shared prompt"] / ms["model's forward"]
+        print(f"  {what}: shared prompt / model's forward: {ratio:.2f}x the time")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def objective_batch(
 ) -> ObjectiveBatch:
     """Everything :func:`learner.objective.objective_loss` needs, from the student's logits that
     predict each response token (B, T, V): :func:`response_logits` of a forward pass, or
-    ``learner.shared_prompt.response_logits``.
+    ``services.rollout.shared_prompt.response_logits``.
 
     ``top_p``: the nucleus of the ``teacher_top_p`` support; ``with_teacher_tops``: also each
     teacher's top-K list (SelecTKD's greedy_top_k on a top-K support)."""

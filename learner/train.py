@@ -5,7 +5,8 @@ Top to bottom, one run (``python -m learner --run-id ID``)::
     setup:      run spec from Redis → student + optimizer → restore the latest checkpoint
                 → consumer group on the rollout stream → publish the starting weights
     each step:  whole prompt groups → student logits (each distinct prompt computed once where the
-                architecture allows: learner.shared_prompt) → Dense + Sparse objective (learner.objective)
+                architecture allows: services.rollout.shared_prompt)
+                → Dense + Sparse objective (learner.objective)
                 → clip → optimizer step → publish weights (version + 1) → metrics
                 (publication and metrics run in order on a background thread: learner.side_writes)
     metrics:    one entry per step in the run's metrics stream; besides the loss parts, ``data_wait_s``
@@ -42,7 +43,7 @@ from contracts import keys
 from contracts import runstate as rs
 from contracts.runspec import OptimizerSpec, RunSpec, lr_at, on_policy_share
 from contracts.schedules import ScheduleTimeline
-from learner import run_state, shared_prompt
+from learner import run_state
 from learner.applied import AppliedIds
 from learner.batching import (
     BatchError,
@@ -66,7 +67,7 @@ from learner.objective import ObjectiveBatch, ObjectiveConfig, objective_loss
 from learner.queue import Batch, ConsumerConfig, Group, RolloutConsumer
 from learner.run_state import LearnerLease
 from learner.side_writes import SideWrites, snapshot
-from services.rollout import cached_decoder
+from services.rollout import cached_decoder, shared_prompt
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +310,9 @@ class Learner:
 
     def _response_logits(self, packed: Packed) -> Tensor:
         """The student's logits predicting each response token (B, T, V); each distinct prompt is
-        computed once where the student's architecture allows it (learner.shared_prompt)."""
+        computed once where the student's architecture allows it (services.rollout.shared_prompt)."""
         if self.shares_prompts:
-            return shared_prompt.response_logits(self.model, packed)
+            return shared_prompt.response_logits(self.model, packed.input_ids, packed.starts, packed.lengths)
         ids, mask = packed.input_ids.to(self.cfg.device), packed.attention_mask.to(self.cfg.device)
         return response_logits((self.ddp or self.model)(input_ids=ids, attention_mask=mask).logits, packed)
 

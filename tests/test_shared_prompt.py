@@ -1,4 +1,4 @@
-"""The learner's shared-prompt forward pass gives the transformers model's logits and gradients.
+"""The shared-prompt forward pass (the learner's, the teacher's) gives the model's logits and gradients.
 
 Tiny random Llama-family models (those of tests/test_cached_decoder.py: MHA; GQA with biases, tied
 embeddings and a scaled RoPE; Qwen2), batches packed as the learner packs them: prompts of
@@ -12,8 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from learner.batching import Packed, pack_sequences, response_logits
-from learner.shared_prompt import prompt_groups
-from learner.shared_prompt import response_logits as shared_response_logits
+from services.rollout import shared_prompt
 from tests.test_cached_decoder import MODELS
 from tests.test_learner_batching import rollout
 
@@ -47,6 +46,10 @@ def _plain(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
     return response_logits(logits, packed)
 
 
+def _shared(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    return shared_prompt.response_logits(model, packed.input_ids, packed.starts, packed.lengths)
+
+
 def _loss(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
     """A loss over every response position, weighted so that each position's gradient differs."""
     mask = torch.arange(packed.width)[None, :] < packed.lengths[:, None]
@@ -59,12 +62,12 @@ def test_logits_and_gradients_equal_the_models_forward_pass(model: PreTrainedMod
     packed = _packed(BATCHES[batch])
     mask = torch.arange(packed.width)[None, :] < packed.lengths[:, None]
     expected = _plain(model, packed)
-    got = shared_response_logits(model, packed)
+    got = _shared(model, packed)
     assert got.shape == expected.shape
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
     grads = []
-    for logits in (_plain(model, packed), shared_response_logits(model, packed)):
+    for logits in (_plain(model, packed), _shared(model, packed)):
         model.zero_grad(set_to_none=True)
         _loss(logits, packed).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -74,7 +77,8 @@ def test_logits_and_gradients_equal_the_models_forward_pass(model: PreTrainedMod
 
 
 def test_rows_with_the_same_prompt_share_one_prompt_row() -> None:
-    g = prompt_groups(_packed(BATCHES["shared prompts, mixed lengths"]))
+    packed = _packed(BATCHES["shared prompts, mixed lengths"])
+    g = shared_prompt.prompt_groups(packed.input_ids, packed.starts, packed.lengths)
     assert g.group.tolist() == [0, 0, 0, 1, 1, 2]
     assert g.prompts.tolist() == [[1, 5, 6, 7, 8], [0, 0, 0, 1, 9], [0, 0, 1, 4, 4]]  # left-padded
     assert g.prompt_mask.sum(-1).tolist() == [5, 2, 3]

@@ -19,6 +19,7 @@ import torch
 
 from contracts.tensors import TensorDecodeError, decode, decode_vector, encode
 from proto.distill.v1 import teacher_pb2
+from services.teacher import hf_backend
 from services.teacher.backend import BatchedBackend
 from services.teacher.batching import DynamicBatcher
 from services.teacher.client import make_item, split_by_bytes
@@ -259,6 +260,40 @@ def test_hf_padded_batch_equals_single_forward(scorer: HFScorer) -> None:
         assert math.isclose(
             float(np.exp(got.top_logprobs).sum(-1)[0] + got.outside_mass[0]), 1.0, abs_tol=1e-5
         )
+
+
+def test_responses_sharing_a_prompt_compute_it_once_and_score_as_alone(
+    scorer: HFScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 300, n) for n in (12, 5)]
+    items = [  # K = 3 and 2 responses of mixed lengths (one of one token) to two prompts, one alone
+        make_item(np.concatenate([p, rng.integers(0, 300, r)]), len(p), rng.integers(0, 300, (r, 4)))
+        for p, r in ((prompts[0], 7), (prompts[0], 1), (prompts[0], 20), (prompts[1], 3), (prompts[1], 9))
+    ] + [make_item(rng.integers(0, 300, 30), 17, rng.integers(0, 300, (13, 4)))]
+    calls: list[tuple[Any, ...]] = []
+    shared = hf_backend.shared_prompt.response_logits
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(args)
+        return shared(*args)
+
+    monkeypatch.setattr(hf_backend.shared_prompt, "response_logits", spy)
+    params = ScoreParams(top_k=7, temperature=0.8)
+    got = scorer.score_batch([(it, params) for it in items])
+    assert len(calls) == 1 and calls[0][1].shape[0] == len(items)  # one pass, every row
+    for it, g in zip(items, got, strict=True):
+        with torch.no_grad():
+            logits = scorer.model(torch.as_tensor(it.token_ids)[None]).logits[0]  # (L, V)
+        ref = torch.log_softmax(logits.double() / 0.8, -1)[it.response_start - 1 : -1]  # (P, V)
+        targets = torch.as_tensor(it.token_ids[it.response_start :])
+        np.testing.assert_allclose(g.token_logprobs, ref.gather(1, targets[:, None])[:, 0], atol=2e-5)
+        np.testing.assert_allclose(g.top_logprobs, ref.topk(7, -1).values, atol=2e-5)
+        assert np.array_equal(g.top_ids, ref.topk(7, -1).indices.numpy())
+        np.testing.assert_allclose(
+            g.candidate_logprobs, ref.gather(1, torch.as_tensor(it.candidate_ids)), atol=2e-5
+        )
+        np.testing.assert_allclose(g.outside_mass, 1 - ref.topk(7, -1).values.exp().sum(-1), atol=2e-6)
 
 
 def test_make_item_checks_types_and_int32_range() -> None:

@@ -12,7 +12,7 @@ Supported: ``llama`` and ``qwen2`` checkpoints with full attention, SiLU MLPs an
 angles depend on the position only (``supports``); anything else stays on ``generate``.
 ``tests/test_cached_decoder.py`` checks every logit against the transformers forward pass.
 The layer arithmetic (``qkv``, ``attend``, ``logits``) is also the learner's forward pass that
-computes each prompt once (``learner.shared_prompt``); built outside inference mode, the fused
+computes each prompt once (``services.rollout.shared_prompt``); built outside inference mode, the fused
 weights carry the gradient to the model's parameters.
 """
 

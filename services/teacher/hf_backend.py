@@ -1,7 +1,9 @@
 """The ``hf`` backend: a transformers causal LM with an exact log-softmax over the full vocabulary.
 
 Rows of a batch are left-padded with explicit position ids (so a padded row computes what it
-would alone) and only the logits of response positions are kept. The log-softmax runs in
+would alone) and only the logits of response positions are kept. A batch holding several
+responses to one prompt (the rollout worker's K per prompt) computes each distinct prompt once
+when the model is of the Llama family (``services.rollout.shared_prompt``). The log-softmax runs in
 float32 whatever the model dtype (bf16 on GPU by default), so any candidate id can be scored.
 Used by the server (``--backend hf``) and in-process by tests and ``benchmarks/bench_teacher.py``.
 """
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.rollout import cached_decoder, shared_prompt
 from services.teacher.backend import Work
 from services.teacher.domain import ItemScores, ScoreItem, ScoreParams, TeacherInfo
 from services.teacher.fingerprint import fingerprint
@@ -85,13 +88,14 @@ def load_hf(cfg: HFConfig) -> HFScorer:
 
 
 class HFScorer:
-    """Scores batches of (item, params) with one padded forward pass (``Scorer`` protocol)."""
+    """Scores batches of (item, params) with one forward pass (``Scorer`` protocol)."""
 
     def __init__(self, model: Any, info: TeacherInfo) -> None:
         self.model = model
         self._info = info
         self.device = next(model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._can_share_prompts = cached_decoder.supports(model)
 
     @property
     def info(self) -> TeacherInfo:
@@ -100,6 +104,14 @@ class HFScorer:
     @torch.inference_mode()
     def score_batch(self, work: Sequence[Work]) -> list[ItemScores]:
         items = [w[0] for w in work]
+        prompts = {it.token_ids[: it.response_start].tobytes() for it in items}
+        # K responses to a prompt (the rollout worker's groups): the prompt is computed once
+        shared = self._can_share_prompts and len(prompts) < len(items)
+        logits = self._shared_prompt_logits(items) if shared else self._padded_logits(items)
+        return [score_positions(x, it, params) for x, (it, params) in zip(logits, work, strict=True)]
+
+    def _padded_logits(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        """Per item, the logits (P, V) predicting its response tokens, from one left-padded pass."""
         longest = max(int(it.token_ids.shape[0]) for it in items)
         ids = torch.zeros((len(items), longest), dtype=torch.long)  # (B, L) left-padded
         mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -119,11 +131,18 @@ class HFScorer:
             **kwargs,
         )
         logits = out.logits[:, -keep:]  # (B, keep, V)
-        results = []
-        for row, (it, params) in enumerate(work):
-            p = it.num_positions
-            results.append(score_positions(logits[row, keep - 1 - p : keep - 1], it, params))
-        return results
+        return [logits[row, keep - 1 - it.num_positions : keep - 1] for row, it in enumerate(items)]
+
+    def _shared_prompt_logits(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        """The same logits, each distinct prompt computed once (services.rollout.shared_prompt)."""
+        longest = max(int(it.token_ids.shape[0]) for it in items)
+        ids = torch.zeros((len(items), longest), dtype=torch.long)  # (B, L) right-padded
+        for row, it in enumerate(items):
+            ids[row, : it.token_ids.shape[0]] = torch.from_numpy(it.token_ids.astype(np.int64))
+        starts = torch.tensor([it.response_start for it in items])
+        lengths = torch.tensor([it.num_positions for it in items])
+        logits = shared_prompt.response_logits(self.model, ids, starts, lengths)  # (B, T, V)
+        return [logits[row, : it.num_positions] for row, it in enumerate(items)]
 
 
 def score_positions(logits: torch.Tensor, item: ScoreItem, params: ScoreParams) -> ItemScores:

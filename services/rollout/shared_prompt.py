@@ -1,17 +1,19 @@
-"""The student's logits on a step's responses, computing each distinct prompt once.
+"""Logits of responses that share prompts, computing each distinct prompt once.
 
-A step trains on K responses to each prompt (``sampling.responses_per_prompt``); a plain forward
-pass over prompt + response rows runs every prompt K times. Here each distinct prompt runs once,
-the responses attend to its keys and values, and its last position predicts the first token of
-every response to it. The logits are the model's own; the gradient reaching a shared prompt is
-the sum over its responses (autograd adds up the rows that index it). It saves the work of
-(K - 1) / K of the prompt tokens: on the demo's batches (8 prompts of 18 tokens, 4 responses of
-at most 12) forward + backward takes 0.72x the time of the transformers pass; with 128-token
-prompts and responses at hidden size 256, 0.58x (``benchmarks/bench_shared_prompt.py``).
+A step trains on K responses to each prompt (``sampling.responses_per_prompt``), and a teacher
+scores those K responses; a plain forward pass over prompt + response rows runs every prompt K
+times. Here each distinct prompt runs once, the responses attend to its keys and values, and its
+last position predicts the first token of every response to it. The logits are the model's own;
+under autograd the gradient reaching a shared prompt is the sum over its responses (autograd adds
+up the rows that index it). It saves the work of (K - 1) / K of the prompt tokens: on the demo's
+batches (8 prompts of 18 tokens, 4 responses of at most 12) the learner's forward + backward
+takes 0.72x the time of the transformers pass; with 128-token prompts and responses at hidden
+size 256, 0.58x (``benchmarks/bench_shared_prompt.py``); for the teacher's forward alone see
+``benchmarks/bench_teacher.py``.
 
-Llama-family students only (``services.rollout.cached_decoder.supports``), with the cached
-decoder's layer arithmetic; ``learner.train`` uses the model's own forward pass for others, and
-under DDP, whose gradient hooks need its own forward.
+Llama-family models only (``services.rollout.cached_decoder.supports``), with the cached
+decoder's layer arithmetic. Used by ``learner.train`` (the student; the model's own forward pass
+for others and under DDP, whose gradient hooks need it) and by the teacher's hf backend.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from learner.batching import Packed
 from services.rollout.cached_decoder import CachedDecoder, causal_mask
 
 
 @dataclass
 class PromptGroups:
-    """The rows of a packed batch split into distinct prompts and responses."""
+    """Prompt + response rows split into distinct prompts and responses."""
 
     prompts: Tensor  # (G, Wp) distinct prompts, left-padded
     prompt_mask: Tensor  # (G, Wp) bool, True on prompt tokens
@@ -37,11 +38,14 @@ class PromptGroups:
     group: Tensor  # (B,) the row's prompt in ``prompts``
 
 
-def prompt_groups(packed: Packed) -> PromptGroups:
-    """Rows with the same prompt tokens share one prompt row."""
+def prompt_groups(ids: Tensor, starts: Tensor, lengths: Tensor) -> PromptGroups:
+    """Rows with the same prompt tokens share one prompt row.
+
+    ``ids`` (B, L): prompt + response rows, right-padded; row b's response starts at ``starts[b]``
+    and has ``lengths[b]`` tokens (``learner.batching.Packed``'s fields)."""
     index: dict[tuple[int, ...], int] = {}
     group = []
-    for row, start in zip(packed.input_ids.tolist(), packed.starts.tolist(), strict=True):
+    for row, start in zip(ids.tolist(), starts.tolist(), strict=True):
         group.append(index.setdefault(tuple(row[:start]), len(index)))
     width = max(len(p) for p in index)
     prompts = torch.zeros((len(index), width), dtype=torch.long)
@@ -51,10 +55,10 @@ def prompt_groups(packed: Packed) -> PromptGroups:
         mask[g, width - len(p) :] = True
     # response position t holds token start + t; the last token predicts nothing the loss uses
     # (one column at least, so that one-token responses keep the shapes simple)
-    steps = torch.arange(max(packed.width - 1, 1))[None, :]
-    cols, inside = packed.starts[:, None] + steps, steps < packed.lengths[:, None] - 1
+    steps = torch.arange(max(int(lengths.max()) - 1, 1))[None, :]
+    cols, inside = starts[:, None] + steps, steps < lengths[:, None] - 1
     rows = torch.arange(len(group))[:, None]
-    responses = torch.where(inside, packed.input_ids[rows, cols.clamp(max=packed.input_ids.shape[1] - 1)], 0)
+    responses = torch.where(inside, ids[rows, cols.clamp(max=ids.shape[1] - 1)], 0)
     return PromptGroups(prompts, mask, responses, inside, torch.tensor(group))
 
 
@@ -66,12 +70,13 @@ def _masks(g: PromptGroups) -> tuple[Tensor, Tensor]:
     return causal_mask(g.prompt_mask), torch.cat([of_prompt, causal_mask(g.real)], -1)
 
 
-def response_logits(model: PreTrainedModel, packed: Packed) -> Tensor:
-    """Logits (B, T, V) predicting each response token, as ``learner.batching.response_logits``
-    reads them from the model's own forward pass (positions past a row's length are padding)."""
-    d = CachedDecoder(model)  # built here so that its fused weights carry the gradient
+def response_logits(model: PreTrainedModel, ids: Tensor, starts: Tensor, lengths: Tensor) -> Tensor:
+    """Logits (B, T, V), T = max(lengths), predicting each response token of the rows that
+    :func:`prompt_groups` reads, as ``learner.batching.response_logits`` reads them from the model's
+    own forward pass (positions past a row's length are padding)."""
+    d = CachedDecoder(model)  # built per call: its fused weights carry the gradient to the model's
     device = d.embed.device
-    g = prompt_groups(packed)
+    g = prompt_groups(ids, starts, lengths)
     prompts, responses, group = g.prompts.to(device), g.responses.to(device), g.group.to(device)
     prompt_mask, response_mask = (m.to(device) for m in _masks(g))
     positions = (g.prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -86,4 +91,4 @@ def response_logits(model: PreTrainedModel, packed: Packed) -> Tensor:
         xr = d.attend(layer, xr, qr, keys, values, response_mask)
         xp = d.attend(layer, xp, qp, kp, vp, prompt_mask)
     first = d.logits(xp[:, -1])[group]  # (B, V): each prompt's last position
-    return torch.cat([first[:, None], d.logits(xr)], 1)[:, : packed.width]
+    return torch.cat([first[:, None], d.logits(xr)], 1)[:, : int(lengths.max())]
