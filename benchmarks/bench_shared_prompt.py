@@ -18,7 +18,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def _score(model: PreTrainedModel, packed: Packed, shared: bool) -> None:
     _logits(model, packed, shared).float().log_softmax(-1)
 
 
-def _median_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def _median_ms(fns: Mapping[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):  # interleaved, so that a slower minute of the machine hits both
         for name, fn in fns.items():
@@ -96,8 +97,8 @@ def main() -> None:
     print(f"{a.prompts} prompts x {a.k} responses, {tokens} tokens, hidden {a.hidden} x {a.layers} layers, "
           f"torch threads {torch.get_num_threads()}, median of {a.repeats}")  # fmt: skip
     for what, run in (("forward + backward (learner)", _step), ("forward, inference (teacher)", _score)):
-        fns = {name: (lambda run=run, shared=shared: run(model, packed, shared))
-               for name, shared in (("model's forward", False), ("shared prompt", True))}  # fmt: skip
+        fns = {"model's forward": partial(run, model, packed, False),
+               "shared prompt": partial(run, model, packed, True)}  # fmt: skip
         _median_ms(fns, 5)  # warm-up
         ms = _median_ms(fns, a.repeats)
         for name, t in ms.items():

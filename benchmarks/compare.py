@@ -64,7 +64,7 @@ from services.control import arithmetic_models as am
 from services.control.arithmetic import MAX_DIGITS, answer_room, read_dataset, write_dataset
 from services.control.client import ApiClient
 from services.control.demo import EVAL_LENGTHS, TEACHER_NAME, DemoConfig, build_models, run_spec, stack_config
-from services.control.stack import LocalStack
+from services.control.stack import LocalStack, StackError, check_api_port
 from services.rollout.sampling import SamplingConfig, sample
 
 SHORT, LONG = EVAL_LENGTHS[0], EVAL_LENGTHS[-1]
@@ -258,8 +258,9 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return [(int(d.name.removeprefix("step-")), d / "model.safetensors") for d in dirs]
 
 
-def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: Any, student_dir: Path,
-                 b: Budget, progress: Callable[[str], None]) -> Result:  # fmt: skip
+def timed_run(stack: LocalStack, name: str, spec: dict[str, Any],
+              progress: Callable[[str], None]) -> tuple[str, float, int]:  # fmt: skip
+    """Run ``spec`` on the stack; its id, wall seconds and trained tokens."""
     with ApiClient(stack.api_url, stack.cfg.token) as client:
         run_id = client.create_run(spec)["id"]
         final = _wait(client, run_id, progress)
@@ -268,6 +269,12 @@ def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: An
     if final["status"] != "succeeded":
         raise RuntimeError(f"{name}: run {run_id} ended {final['status']}: {final.get('error', '')}")
     tokens = int(sum(p["values"].get("tokens") or 0 for p in points if p.get("step") is not None))
+    return run_id, wall, tokens
+
+
+def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: Any, student_dir: Path,
+                 b: Budget, progress: Callable[[str], None]) -> Result:  # fmt: skip
+    run_id, wall, tokens = timed_run(stack, name, spec, progress)
     ckpts = _checkpoints(stack.cfg.work_dir / "runs" / run_id)
     curve = [(step, _mean(am.evaluate(am.load(student_dir, w), EVAL_LENGTHS, 100))) for step, w in ckpts]
     return finish(name, am.load(student_dir, ckpts[-1][1]), teacher, b, wall, tokens, curve)
@@ -371,6 +378,10 @@ def main() -> None:
     if wants_trl and importlib.util.find_spec("trl") is None:  # fail now, not after the other methods
         p.error("--methods: trl needs TRL 1.16.0, a benchmark tool that `make demo` does not install; "
                 "run `make .venv/.installed` first, or leave trl out")
+    try:
+        check_api_port(a.port)  # now, not after the off-policy methods
+    except StackError as exc:
+        p.error(f"--port: {exc}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     teacher_dir, student_dir = build_models(DemoConfig(work_dir=a.demo_dir))
     train = write_dataset(a.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)

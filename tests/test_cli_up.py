@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,3 +125,18 @@ def test_killing_distill_up_stops_every_child_it_started(tmp_path: Path) -> None
     while (_children(work) or _redis(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _children(work) and not _redis(work), "a child outlived `distill up`"
+
+
+@pytest.mark.parametrize("command", ["up", "demo"])
+def test_a_port_in_use_is_named_before_anything_starts(tmp_path: Path, command: str) -> None:
+    work = tmp_path / "stack"
+    with socket.socket() as held:  # another server listening on the control plane's port
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = subprocess.run([DISTILL, command, "--work-dir", str(work), "--port", str(port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 1
+    assert f"error: port {port}: the control plane's port is in use" in out.stderr
+    assert "choose another port with --port" in out.stderr
+    assert not work.exists()  # no model trained (demo), no Redis or other child started

@@ -20,7 +20,7 @@ from typing import Any
 from services.control.arithmetic import ERASE, MAX_DIGITS, answer_room, write_dataset
 from services.control.client import ApiClient
 from services.control.plot import plot_accuracy, plot_run
-from services.control.stack import LocalStack, StackConfig
+from services.control.stack import LocalStack, StackConfig, check_api_port
 
 TEACHER_NAME = "adder"
 # The whole response is the answer (by default exact_match looks for \\boxed{} or "Answer:"), once
@@ -125,6 +125,7 @@ def _trend(points: list[dict[str, Any]], key: str, label: str, window: int = 10)
 
 def run_demo(cfg: DemoConfig, follow: Any) -> int:
     """Run the demo; ``follow(client, run_id)`` shows progress and returns the final run state."""
+    check_api_port(cfg.api_port)  # now, not after minutes of training the models
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     teacher, student = build_models(cfg)
     print("measuring the teacher and the student on held-out problems ...", flush=True)

@@ -41,6 +41,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_api_port(port: int) -> None:
+    """Raise StackError when something already listens on the control plane's port.
+
+    Otherwise the stack's health check would reach that server (another ``distill up``, say), and
+    the first request would fail with its 401 instead of naming the port."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise StackError(
+                f"port {port}: the control plane's port is in use ({exc.strerror}); another `distill up` "
+                "or `distill demo` may hold it: stop it, or choose another port with --port"
+            ) from None
+
+
 @dataclass
 class StackConfig:
     work_dir: Path  # runs/, logs/ and Redis data go here
@@ -125,6 +141,7 @@ class LocalStack:
             return False
 
     def start(self) -> LocalStack:
+        check_api_port(self.cfg.api_port)
         work = self.cfg.work_dir
         self.redis = EmbeddedRedis(work / "redis", die_with_parent=True).start()
         threads = self._torch_threads()
