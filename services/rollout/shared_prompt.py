@@ -8,8 +8,8 @@ under autograd the gradient reaching a shared prompt is the sum over its respons
 up the rows that index it). It saves the work of (K - 1) / K of the prompt tokens: on the demo's
 batches (8 prompts of 18 tokens, 4 responses of at most 12) the learner's forward + backward
 takes 0.72x the time of the transformers pass; with 128-token prompts and responses at hidden
-size 256, 0.58x (``benchmarks/bench_shared_prompt.py``); for the teacher's forward alone see
-``benchmarks/bench_teacher.py``.
+size 256, 0.58x; the teacher's forward alone, in inference mode, 0.72x on the demo's batches and
+0.60x at hidden size 336, on one thread (``benchmarks/bench_shared_prompt.py``).
 
 Llama-family models only (``services.rollout.cached_decoder.supports``), with the cached
 decoder's layer arithmetic. Used by ``learner.train`` (the student; the model's own forward pass
@@ -74,7 +74,7 @@ def response_logits(model: PreTrainedModel, ids: Tensor, starts: Tensor, lengths
     """Logits (B, T, V), T = max(lengths), predicting each response token of the rows that
     :func:`prompt_groups` reads, as ``learner.batching.response_logits`` reads them from the model's
     own forward pass (positions past a row's length are padding)."""
-    d = CachedDecoder(model)  # built per call: its fused weights carry the gradient to the model's
+    d = CachedDecoder(model)  # built per call: its fused weights carry the gradient to the model
     device = d.embed.device
     g = prompt_groups(ids, starts, lengths)
     prompts, responses, group = g.prompts.to(device), g.responses.to(device), g.group.to(device)
