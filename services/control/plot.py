@@ -69,11 +69,13 @@ def plot_accuracy(rows: dict[str, dict[int, float]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, acc) in enumerate(rows.items()):
         xs = [j + i * width for j in range(len(lengths))]
-        ax.bar(xs, [acc.get(n, 0.0) for n in lengths], width, label=name)
+        bars = ax.bar(xs, [acc.get(n, 0.0) for n in lengths], width, label=name)
+        ax.bar_label(bars, fmt="{:.1%}", fontsize="xx-small", padding=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [f"{n}-digit" for n in lengths])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.08)
     ax.set_ylabel("held-out exact match")
-    ax.legend(loc="best", fontsize="small")
+    # above the axes: inside, a legend hides the bars of some length whatever the figures
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(rows), fontsize="small", frameon=False)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
