@@ -25,7 +25,7 @@ from benchmarks.compare import Budget, stack_specs, timed_run
 from services.control import arithmetic_models as am
 from services.control.arithmetic import write_dataset
 from services.control.client import ApiClient
-from services.control.demo import EVAL_LENGTHS, TEACHER_NAME, stack_config
+from services.control.demo import EVAL_LENGTHS, register_teacher, stack_config
 from services.control.stack import LocalStack
 from services.teacher.tiny_model import TinySpec, build_tiny_model
 
@@ -45,8 +45,7 @@ def ours(work: Path, teacher: Path, student: Path, train: Path, b: Budget, port:
     spec["checkpoint_interval"] = b.steps  # one checkpoint: this measures speed, not a curve
     cfg = stack_config(work, teacher, port)
     with LocalStack(cfg) as stack, ApiClient(stack.api_url, cfg.token) as client:
-        address = stack.teacher_addresses[TEACHER_NAME]
-        client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+        register_teacher(stack, client)
         _, wall, tokens = timed_run(stack, "dense", spec, lambda line: None)
     return wall, tokens
 

@@ -63,7 +63,14 @@ from learner.train import set_lr
 from services.control import arithmetic_models as am
 from services.control.arithmetic import MAX_DIGITS, answer_room, read_dataset, write_dataset
 from services.control.client import ApiClient
-from services.control.demo import EVAL_LENGTHS, TEACHER_NAME, DemoConfig, build_models, run_spec, stack_config
+from services.control.demo import (
+    EVAL_LENGTHS,
+    DemoConfig,
+    build_models,
+    register_teacher,
+    run_spec,
+    stack_config,
+)
 from services.control.stack import LocalStack, StackError, check_api_port
 from services.rollout.sampling import SamplingConfig, sample
 
@@ -426,8 +433,7 @@ def _run_all(names: list[str], specs: dict[str, dict[str, Any]], teacher: Any, t
         keep_all = ("--keep-checkpoints", "1000")  # every checkpoint is a point of the accuracy curve
         cfg = stack_config(a.work_dir / f"stack-{b.seed}", teacher_dir, a.port, learner_args=keep_all)
         with LocalStack(cfg) as stack, ApiClient(stack.api_url, cfg.token) as client:
-            address = stack.teacher_addresses[TEACHER_NAME]
-            client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+            register_teacher(stack, client)
             for name in on_stack:
                 print(f"{name} (on the local stack) ...", flush=True)
                 results.append(run_on_stack(stack, name, specs[name], teacher, student_dir, b, print))

@@ -100,13 +100,18 @@ def stack_config(work: Path, teacher: Path, port: int, **extra: Any) -> StackCon
     return StackConfig(work, {TEACHER_NAME: teacher}, port, verifiers_file=work / "verifiers.yaml", **extra)
 
 
+def register_teacher(stack: LocalStack, client: ApiClient) -> None:
+    """Register the stack's teacher service under the name the demo's run specs use."""
+    address = stack.teacher_addresses[TEACHER_NAME]
+    client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+
+
 def _distill(cfg: DemoConfig, teacher: Path, student: Path, follow: Any) -> tuple[str, list[dict[str, Any]]]:
     dataset = write_dataset(cfg.work_dir / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
     print(f"starting the local stack (logs in {cfg.work_dir / 'logs'}) ...", flush=True)
     stack = LocalStack(stack_config(cfg.work_dir, teacher, cfg.api_port))
     with stack, ApiClient(stack.api_url, stack.cfg.token) as client:
-        address = stack.teacher_addresses[TEACHER_NAME]
-        client.request("POST", "/v1/teachers", json={"name": TEACHER_NAME, "address": address})
+        register_teacher(stack, client)
         run_id = client.create_run(run_spec(student, dataset, cfg.steps))["id"]
         final = follow(client, run_id)
         points = client.metrics(run_id)
