@@ -3,11 +3,13 @@ teacher, reward service, rollout workers and learner processes on tiny offline m
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from contracts import keys
+from contracts import runstate as rs
 from learner.checkpoint import load_latest
 from tests.training_stack import StreamLedger, TrainingStack
 
@@ -91,3 +93,49 @@ def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> No
     malformed = {rid: reason for rid, reason in dead.items() if reason != b"stale"}
     assert not malformed, f"no partial or malformed rollout reached the stream: {malformed}"
     assert len(set(_applied(stack, run_id))) == steps * 2 * 3
+    survivor.stop()  # workers serve every run: the next test's must be the only ones
+
+
+def test_a_worker_stopped_while_its_teacher_is_down_leaves_and_its_prompts_go_to_another(
+    stack: TrainingStack,
+) -> None:
+    """SIGTERM reaches a worker retrying its scoring against a teacher that is down: it exits at
+    once, publishing nothing, and the prompts it held go to the next worker when their leases lapse."""
+    run_id, steps = "run-faults000003", 30
+    stack.create_run(run_id, stack.spec(steps=steps))
+    first = stack.worker("w-d", "--lease-ttl-s", "3")
+    learner = stack.learner(run_id, "--audit")
+    stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
+    stack.kill_teacher()
+    stack.wait(lambda: "prompts: " in first.log() and "retrying in" in first.log(), 60, "the worker retrying")
+    started = time.monotonic()
+    assert first.stop(timeout=15) == 0
+    assert time.monotonic() - started < 10, "SIGTERM waited for the teacher"
+    assert "stopping without them" in first.log()
+    stack.teacher = stack.start_teacher()
+    second = stack.worker("w-e", "--lease-ttl-s", "3")
+    stack.wait(lambda: stack.status(run_id) == "succeeded", 240, "run succeeded")
+    assert learner.proc.wait(30) == 0
+    assert len(set(_applied(stack, run_id))) == steps * 2 * 3
+    second.stop()
+
+
+def test_a_worker_retrying_against_a_teacher_that_is_down_gives_up_the_groups_of_a_run_that_ended(
+    stack: TrainingStack,
+) -> None:
+    """The run fails (its learner died) while the teacher is down: the worker drops the groups it
+    was retrying and goes back to waiting for runs, instead of retrying for a run that is over."""
+    run_id = "run-faults000004"
+    stack.create_run(run_id, stack.spec(steps=30))
+    worker = stack.worker("w-f", "--lease-ttl-s", "3")
+    learner = stack.learner(run_id)
+    stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
+    stack.kill_teacher()
+    stack.wait(lambda: "retrying in" in worker.log(), 60, "the worker retrying")
+    learner.proc.kill()
+    learner.stop()
+    stack.client.hset(rs.run_state_key(run_id), "status", "failed")
+    stack.wait(lambda: "stopping without them" in worker.log(), 10, "the worker giving up the run's groups")
+    assert worker.proc.poll() is None, "the worker serves the next run"
+    stack.teacher = stack.start_teacher()
+    worker.stop()

@@ -64,7 +64,7 @@ class TrainingStack:
         self.redis = EmbeddedRedis(tmp / "redis", appendfsync="always").start()
         self.client = make_client(self.redis.url)
         self.teacher_port, reward_port = free_port(), free_port()
-        self.teacher = self._start_teacher()
+        self.teacher = self.start_teacher()
         self.reward_address = f"127.0.0.1:{reward_port}"
         self.reward = ServiceProcess("services.reward", ["--port", str(reward_port)], tmp / "reward.log")
         wait_serving(self.reward, self.reward_address)
@@ -74,17 +74,20 @@ class TrainingStack:
     def teacher_address(self) -> str:
         return f"127.0.0.1:{self.teacher_port}"
 
-    def _start_teacher(self) -> ServiceProcess:
+    def start_teacher(self) -> ServiceProcess:
         args = ["--model", str(self.teacher_dir), "--port", str(self.teacher_port)]
         proc = ServiceProcess("services.teacher", args, self.tmp / f"teacher-{time.monotonic_ns()}.log")
         wait_serving(proc, self.teacher_address)
         return proc
 
-    def restart_teacher(self, down_s: float) -> None:
+    def kill_teacher(self) -> None:
         self.teacher.proc.kill()
         self.teacher.stop()
+
+    def restart_teacher(self, down_s: float) -> None:
+        self.kill_teacher()
         time.sleep(down_s)
-        self.teacher = self._start_teacher()
+        self.teacher = self.start_teacher()
 
     def spec(self, **overrides: Any) -> RunSpec:
         return make_spec(self.student_dir, self.dataset, **overrides)

@@ -15,12 +15,14 @@ and two batches overlap: one is sampled while the one before waits for its score
 A teacher that is down makes the worker retry the same group's scoring with backoff: nothing
 partial ever reaches the stream. The lease is renewed while the group is being worked on, so a
 slow worker keeps its prompt and a dead one's prompt is handed to another worker when the lease
-runs out.
+runs out. Stopped (SIGTERM) while it retries, a worker leaves its prompts to lapse that way; when
+the run has ended meanwhile, it drops them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -424,9 +426,11 @@ class RolloutWorker:
             await asyncio.sleep(producer.config.lease_ttl_s / 3)
             await producer.renew(lease)
 
-    async def _publish(self, run: _Run, student: _Student, producer: RolloutProducer, d: _Drawn) -> int:
+    async def _publish(self, run: _Run, student: _Student, producer: RolloutProducer, d: _Drawn,
+                       stop: asyncio.Event) -> int:  # fmt: skip
         """Score and publish drawn groups (a teacher or the reward service down: retry the scoring,
-        publish nothing partial); returns the number published. Ends the leases' renewal."""
+        publish nothing partial, until it is back, the run ends or ``stop`` is set); returns the
+        number published. Ends the leases' renewal."""
         try:
             while True:
                 try:
@@ -435,9 +439,14 @@ class RolloutWorker:
                 except (aio.AioRpcError, TeacherError, ConnectionError) as err:
                     if any(k.done() for k in d.keepers):
                         raise
+                    if stop.is_set() or await self._run_over():
+                        # the leases lapse and the prompts go to another worker, or to this one restarted
+                        log.warning("%d prompts: %s; stopping without them", len(d.leases), err)
+                        return 0
                     wait = self.cfg.retry_backoff_s
                     log.warning("%d prompts: %s; retrying in %.1f s", len(d.leases), err, wait)
-                    await asyncio.sleep(wait)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait)
             published = 0
             for lease, records in zip(d.leases, groups, strict=True):
                 try:
@@ -503,7 +512,7 @@ class RolloutWorker:
                 drawn = await self._draw_leased(run, student, producer, leases)
                 if publishing is not None:
                     published += await publishing
-                publishing = asyncio.create_task(self._publish(run, student, producer, drawn))
+                publishing = asyncio.create_task(self._publish(run, student, producer, drawn, stop))
             if publishing is not None:
                 published += await publishing
                 publishing = None
