@@ -92,6 +92,7 @@ class Budget:
     lr_schedule: str = "cosine"
     max_staleness: int = 1  # our stack's runs: policy versions a sample may lag (the run spec's default)
     curve_points: int = 6  # accuracy measured this many times along each run
+    curve_count: int = 100  # held-out problems per length for each curve point, every method's
     eval_count: int = 200  # held-out problems per length for the final table
     seed: int = 0
 
@@ -240,7 +241,7 @@ def run_offline(kind: str, teacher_dir: Path, student_dir: Path, prompts: list[s
         tokens += n
         wall += time.perf_counter() - started
         if step % b.eval_every == 0 or step == b.steps:
-            curve.append((step, _mean(am.evaluate(student, EVAL_LENGTHS, 100))))
+            curve.append((step, _mean(am.evaluate(student, EVAL_LENGTHS, b.curve_count))))
     return finish(kind, student, teacher, b, wall, tokens, curve)
 
 
@@ -283,7 +284,8 @@ def run_on_stack(stack: LocalStack, name: str, spec: dict[str, Any], teacher: An
                  b: Budget, progress: Callable[[str], None]) -> Result:  # fmt: skip
     run_id, wall, tokens = timed_run(stack, name, spec, progress)
     ckpts = _checkpoints(stack.cfg.work_dir / "runs" / run_id)
-    curve = [(step, _mean(am.evaluate(am.load(student_dir, w), EVAL_LENGTHS, 100))) for step, w in ckpts]
+    curve = [(step, _mean(am.evaluate(am.load(student_dir, w), EVAL_LENGTHS, b.curve_count)))
+             for step, w in ckpts]  # fmt: skip
     return finish(name, am.load(student_dir, ckpts[-1][1]), teacher, b, wall, tokens, curve)
 
 
@@ -323,6 +325,19 @@ def table(runs: dict[str, list[Result]]) -> str:
     return "\n".join(lines)
 
 
+def curves(runs: dict[str, list[Result]], start: float) -> dict[str, list[tuple[int, float]]]:
+    """Each method's (step, accuracy averaged over seeds), starting from ``start`` at step 0: every
+    method starts from the same student, so the shared measurement stands for all (TRL's callback
+    measures step 0 again; counted twice, it would weigh one method's start differently)."""
+    out = {}
+    for method, rs in runs.items():
+        by_step: dict[int, list[float]] = {0: [start]}
+        for step, acc in (point for r in rs for point in r.curve if point[0] > 0):
+            by_step.setdefault(step, []).append(acc)
+        out[method] = [(step, statistics.fmean(by_step[step])) for step in sorted(by_step)]
+    return out
+
+
 def plot(runs: dict[str, list[Result]], start: float, out: Path) -> Path:
     """Held-out exact match (mean over lengths and seeds) against the optimizer step, per method."""
     import matplotlib
@@ -332,15 +347,9 @@ def plot(runs: dict[str, list[Result]], start: float, out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
-    for i, (method, rs) in enumerate(runs.items()):
-        by_step: dict[int, list[float]] = {0: [start]}
-        for r in rs:
-            for step, acc in r.curve:
-                by_step.setdefault(step, []).append(acc)
-        steps = sorted(by_step)
+    for i, (method, points) in enumerate(curves(runs, start).items()):
         style = "--" if method.startswith("+") else "-"  # issue 9's options dashed
-        ax.plot(steps, [statistics.fmean(by_step[x]) for x in steps], style, marker="o", label=method,
-                color=colors[i % len(colors)])  # fmt: skip
+        ax.plot(*zip(*points, strict=True), style, marker="o", label=method, color=colors[i % len(colors)])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"held-out exact match (mean of {', '.join(map(str, EVAL_LENGTHS))}-digit)")
     ax.set_ylim(0, 1.02)
@@ -357,7 +366,8 @@ def run_trl_method(teacher_dir: Path, student_dir: Path, train: Path, work: Path
     out = run_trl(teacher_dir, student_dir, train, work / "trl", steps=b.steps,
                   prompts_per_step=b.prompts_per_step, responses_per_prompt=b.responses_per_prompt,
                   max_new_tokens=b.max_new_tokens, lr=b.lr, lr_schedule=b.lr_schedule,
-                  eval_every=b.eval_every, eval_lengths=EVAL_LENGTHS, seed=b.seed)  # fmt: skip
+                  eval_every=b.eval_every, eval_lengths=EVAL_LENGTHS, eval_count=b.curve_count,
+                  seed=b.seed)  # fmt: skip
     accuracy = {int(k): float(v) for k, v in out["accuracy"].items()}
     curve = [(int(s), float(a)) for s, a in out["curve"]]
     wrong, kl, wall = float(out["wrong_digits"][LONG]), float(out["kl"]), float(out["wall_s"])
@@ -399,7 +409,7 @@ def main() -> None:
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {[*OFFLINE, 'trl', *specs]}")
     teacher = am.load(teacher_dir).eval()
-    start = _mean(am.evaluate(am.load(student_dir), EVAL_LENGTHS, 100))
+    start = _mean(am.evaluate(am.load(student_dir), EVAL_LENGTHS, Budget.curve_count))
     runs: dict[str, list[Result]] = {name: [] for name in names}
     for seed in [int(x) for x in a.seeds.split(",")]:
         print(f"== seed {seed}", flush=True)

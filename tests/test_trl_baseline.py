@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.compare import Budget, offline_loss, stack_specs
+from benchmarks.compare import Budget, Result, curves, offline_loss, stack_specs
 from benchmarks.trl_baseline import run_trl, step_schedule
 from contracts.runspec import RunSpec
 from services.control.arithmetic import WORDS, answer_room, write_dataset
@@ -133,6 +133,18 @@ def test_compare_gives_every_method_on_the_stack_the_same_budget(tmp_path: Path)
     }  # fmt: skip
     sampling = (b.prompts_per_step, b.responses_per_prompt, b.max_new_tokens)
     assert budgets == {(40, 3, 2e-4, "linear", 0, *sampling)}
+
+
+def test_the_plot_starts_every_method_from_the_shared_measurement() -> None:
+    """TRL measures step 0 itself; the plot's step 0 is the one measurement every method shares."""
+
+    def run(curve: list[tuple[int, float]]) -> Result:
+        return Result("m", {}, 0.0, 0.0, 1.0, 1, curve)
+
+    runs = {"dense": [run([(300, 0.5), (600, 0.7)]), run([(300, 0.7), (600, 0.9)])],
+            "trl": [run([(0, 0.9), (300, 0.6)])]}  # fmt: skip
+    want = {"dense": [(0, 0.35), (300, 0.6), (600, 0.8)], "trl": [(0, 0.35), (300, 0.6)]}
+    assert curves(runs, 0.35) == want
 
 
 @pytest.mark.parametrize("kind", ["seq_kd", "token_kd", "token_rkl"])
