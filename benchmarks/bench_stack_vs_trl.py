@@ -9,6 +9,12 @@ and TRL's trainer in this process, each timed as compare times it (our learner's
 student loaded; TRL's ``trainer.train()`` less its evaluations). Random students answer with
 random tokens, which costs what a trained student's answers cost: accuracy is not measured.
 
+The last column bounds the ratio where model work is all the cost: the rows (token positions) of
+a step's training forward pass, TRL's over ours (the teacher's pass and sampling compare alike).
+Both pad a batch's prompts to its longest and its responses to ``max_new_tokens`` (random students
+do not stop early); TRL runs a prompt once per response, we run it once per group of K
+(``services.rollout.shared_prompt``), and not the last response token, which predicts nothing.
+
     .venv/bin/python -m benchmarks.bench_stack_vs_trl                  # widths 48 and 256, 150 steps
     .venv/bin/python -m benchmarks.bench_stack_vs_trl --widths 48,128,256,512 --steps 100
 """
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.compare import Budget, stack_specs, timed_run
 from services.control import arithmetic_models as am
-from services.control.arithmetic import write_dataset
+from services.control.arithmetic import read_dataset, write_dataset
 from services.control.client import ApiClient
 from services.control.demo import EVAL_LENGTHS, register_teacher, stack_config
 from services.control.stack import LocalStack
@@ -60,6 +66,13 @@ def trl(work: Path, teacher: Path, student: Path, train: Path, b: Budget) -> tup
     return float(out["wall_s"]), int(out["student_tokens"])
 
 
+def work_ratio(prompt_tokens: int, b: Budget) -> float:
+    """TRL's rows of a training forward pass over ours, per prompt of ``prompt_tokens`` and its K
+    responses of ``max_new_tokens``."""
+    k, t = b.responses_per_prompt, b.max_new_tokens
+    return k * (prompt_tokens + t) / (prompt_tokens + k * (t - 1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="48,256", help="comma-separated student hidden sizes")
@@ -75,11 +88,14 @@ def main() -> None:
     b = Budget(steps=a.steps)
     print(f"{b.steps} steps of {b.prompts_per_step} prompts x {b.responses_per_prompt} responses of at most "
           f"{b.max_new_tokens} tokens; {os.cpu_count()} CPUs")  # fmt: skip
-    print("| student width | ours ms/step | TRL ms/step | ours tokens/s | TRL tokens/s | ours / TRL |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| student width | ours ms/step | TRL ms/step | ours tokens/s | TRL tokens/s | ours / TRL "
+          "| work ratio |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         train = write_dataset(root / "train.jsonl", range(1, 9), "train", per_length=500, seed=0)
+        longest = max(len(am.encode_prompt(row["prompt"])) for row in read_dataset(train))
+        bound = f"{work_ratio(longest, b):.2f}x"  # the prompts of this dataset are all of one length
         for width in widths:
             teacher, student = models(root, width)
             our_wall, our_tokens = ours(root / f"stack-{width}", teacher, student, train, b, a.port)
@@ -87,7 +103,7 @@ def main() -> None:
             our_speed, trl_speed = our_tokens / our_wall, trl_tokens / trl_wall
             ms = f"{1000 * our_wall / b.steps:.0f} | {1000 * trl_wall / b.steps:.0f}"
             speeds = f"{our_speed:.0f} | {trl_speed:.0f} | {our_speed / trl_speed:.2f}x"
-            print(f"| {width} | {ms} | {speeds} |", flush=True)
+            print(f"| {width} | {ms} | {speeds} | {bound} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,17 @@ def test_rows_with_the_same_prompt_share_one_prompt_row() -> None:
     assert g.prompt_mask.sum(-1).tolist() == [5, 2, 3]
     # each response without its last token, right-padded to the longest response minus one
     assert g.responses.tolist()[:3] == [[9, 10, 0, 0], [11, 0, 0, 0], [12, 13, 14, 15]]
+
+
+def test_the_width_benchmarks_work_ratio_counts_the_rows_computed() -> None:
+    """bench_stack_vs_trl's bound: a plain pass computes every prompt + response row; ours each
+    prompt once per group and each response but its last token."""
+    from benchmarks.bench_stack_vs_trl import work_ratio
+    from benchmarks.compare import Budget
+
+    g, k, w, t = 3, 4, 5, 6
+    prompts = torch.randint(3, 50, (g, w)).repeat_interleave(k, 0)
+    ids = torch.cat([prompts, torch.randint(3, 50, (g * k, t))], 1)
+    groups = shared_prompt.prompt_groups(ids, torch.full((g * k,), w), torch.full((g * k,), t))
+    ours, plain = groups.prompts.numel() + groups.responses.numel(), ids.numel()
+    assert plain / ours == pytest.approx(work_ratio(w, Budget(responses_per_prompt=k, max_new_tokens=t)))
