@@ -11,6 +11,7 @@ import pytest
 from contracts import keys
 from contracts import runstate as rs
 from learner.checkpoint import load_latest
+from tests.procs import ServiceProcess
 from tests.training_stack import StreamLedger, TrainingStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -96,18 +97,27 @@ def test_a_killed_worker_and_a_teacher_down_for_10_s(stack: TrainingStack) -> No
     survivor.stop()  # workers serve every run: the next test's must be the only ones
 
 
+def _retrying_against_a_dead_teacher(stack: TrainingStack, run_id: str, steps: int,
+                                     name: str) -> tuple[ServiceProcess, ServiceProcess]:  # fmt: skip
+    """A run past step 2 whose teacher was then killed: its worker (one) retrying the scoring, and
+    its learner."""
+    stack.create_run(run_id, stack.spec(steps=steps))
+    worker = stack.worker(name, "--lease-ttl-s", "3")
+    learner = stack.learner(run_id, "--audit")
+    stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
+    stack.kill_teacher()
+    log = worker.log
+    stack.wait(lambda: "prompts: " in log() and "retrying in" in log(), 60, "the worker retrying its scoring")
+    return worker, learner
+
+
 def test_a_worker_stopped_while_its_teacher_is_down_leaves_and_its_prompts_go_to_another(
     stack: TrainingStack,
 ) -> None:
     """SIGTERM reaches a worker retrying its scoring against a teacher that is down: it exits at
     once, publishing nothing, and the prompts it held go to the next worker when their leases lapse."""
     run_id, steps = "run-faults000003", 30
-    stack.create_run(run_id, stack.spec(steps=steps))
-    first = stack.worker("w-d", "--lease-ttl-s", "3")
-    learner = stack.learner(run_id, "--audit")
-    stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
-    stack.kill_teacher()
-    stack.wait(lambda: "prompts: " in first.log() and "retrying in" in first.log(), 60, "the worker retrying")
+    first, learner = _retrying_against_a_dead_teacher(stack, run_id, steps, "w-d")
     started = time.monotonic()
     assert first.stop(timeout=15) == 0
     assert time.monotonic() - started < 10, "SIGTERM waited for the teacher"
@@ -126,12 +136,7 @@ def test_a_worker_retrying_against_a_teacher_that_is_down_gives_up_the_groups_of
     """The run fails (its learner died) while the teacher is down: the worker drops the groups it
     was retrying and goes back to waiting for runs, instead of retrying for a run that is over."""
     run_id = "run-faults000004"
-    stack.create_run(run_id, stack.spec(steps=30))
-    worker = stack.worker("w-f", "--lease-ttl-s", "3")
-    learner = stack.learner(run_id)
-    stack.wait(lambda: stack.last_step(run_id) >= 2, 150, "step 2")
-    stack.kill_teacher()
-    stack.wait(lambda: "retrying in" in worker.log(), 60, "the worker retrying")
+    worker, learner = _retrying_against_a_dead_teacher(stack, run_id, 30, "w-f")
     learner.proc.kill()
     learner.stop()
     stack.client.hset(rs.run_state_key(run_id), "status", "failed")

@@ -104,9 +104,8 @@ class HFScorer:
     @torch.inference_mode()
     def score_batch(self, work: Sequence[Work]) -> list[ItemScores]:
         items = [w[0] for w in work]
-        prompts = {it.token_ids[: it.response_start].tobytes() for it in items}
         # K responses to a prompt (the rollout worker's groups): the prompt is computed once
-        shared = self._can_share_prompts and len(prompts) < len(items)
+        shared = self._can_share_prompts and _repeats_a_prompt(items)
         logits = self._shared_prompt_logits(items) if shared else self._padded_logits(items)
         return [score_positions(x, it, params) for x, (it, params) in zip(logits, work, strict=True)]
 
@@ -143,6 +142,10 @@ class HFScorer:
         lengths = torch.tensor([it.num_positions for it in items])
         logits = shared_prompt.response_logits(self.model, ids, starts, lengths)  # (B, T, V)
         return [logits[row, : it.num_positions] for row, it in enumerate(items)]
+
+
+def _repeats_a_prompt(items: Sequence[ScoreItem]) -> bool:
+    return len({it.token_ids[: it.response_start].tobytes() for it in items}) < len(items)
 
 
 def score_positions(logits: torch.Tensor, item: ScoreItem, params: ScoreParams) -> ItemScores:
